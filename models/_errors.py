@@ -1,0 +1,23 @@
+"""Errors raised by model import, storage and splitting.
+
+ModelError
+├── InvalidModelError     not a usable ONNX model (garbage, truncated, unsafe paths)
+├── UnknownModelError     no model by that name or hash in the store
+└── SplitError            the model cannot be cut the way that was asked
+"""
+
+
+class ModelError(Exception):
+    """Base class for errors raised by :mod:`salala.models`."""
+
+
+class InvalidModelError(ModelError, ValueError):
+    """The file is not a valid, self-contained ONNX model."""
+
+
+class UnknownModelError(ModelError, LookupError):
+    """The store holds no model by that name."""
+
+
+class SplitError(ModelError, ValueError):
+    """The model has too few single-activation cut points for the requested parts."""

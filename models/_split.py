@@ -1,0 +1,199 @@
+"""Cutting an ONNX model into N contiguous fragments of balanced cost.
+
+A cut is a point in the topological order where exactly one live tensor is an
+*activation*: a tensor that descends from a matrix product, a convolution or a large
+embedding lookup. Only that tensor has to travel to the next device. Every other tensor
+that crosses the cut depends on graph inputs and constants alone (an attention mask, a
+shape); the later fragment takes those graph inputs too and recomputes them, which is
+cheap and keeps the wire to one tensor.
+
+Among the valid cuts we choose the N-1 that minimise the most expensive fragment, since
+in a pipeline the slowest stage sets the pace.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+from onnx.utils import Extractor
+
+from ._cost import node_flops
+from ._errors import SplitError
+from ._graph import (
+    Shape,
+    known_shapes,
+    node_inputs,
+    tensor_bytes,
+    typed_tensors,
+    with_reference_dims,
+)
+
+_HEAVY_OPS = {
+    "MatMul",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "Gemm",
+    "Conv",
+    "ConvInteger",
+    "QLinearConv",
+    "ConvTranspose",
+}
+# A Gather from a table at least this many elements is an embedding lookup.
+_LARGE_GATHER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A valid cut before node ``position``; ``tensor`` is the one activation crossing it."""
+
+    position: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class FragmentGraph:
+    index: int
+    model: onnx.ModelProto
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    flops: int
+    weight_bytes: int
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Tensors computable from initializers alone; every fragment can rebuild them."""
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        reads = list(node_inputs(node))
+        if node.op_type not in {"RandomNormal", "RandomUniform"} and all(
+            name in constant for name in reads
+        ):
+            constant.update(node.output)
+    return constant
+
+
+def _activations(graph: onnx.GraphProto, shapes: dict[str, Shape]) -> set[str]:
+    active: set[str] = set()
+    for node in graph.node:
+        reads = list(node_inputs(node))
+        heavy = node.op_type in _HEAVY_OPS
+        if node.op_type == "Gather" and node.input:
+            table = shapes.get(node.input[0]) or ()
+            heavy = None not in table and math.prod(d or 0 for d in table) >= _LARGE_GATHER
+        if heavy or any(name in active for name in reads):
+            active.update(name for name in node.output if name)
+    return active
+
+
+def find_cuts(model: onnx.ModelProto) -> list[Cut]:
+    """All single-activation cut points of a shape-inferred model, in order."""
+    graph = model.graph
+    nodes = list(graph.node)
+    constant = _constants(graph)
+    active = _activations(graph, known_shapes(model))
+    declarable = typed_tensors(model)
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node_inputs(node):
+            last_use[name] = index
+    for output in graph.output:
+        last_use[output.name] = len(nodes)
+
+    cuts = []
+    live: set[str] = {i.name for i in graph.input if i.name not in constant}
+    for position in range(1, len(nodes)):
+        live.update(name for name in nodes[position - 1].output if name and name not in constant)
+        live = {name for name in live if last_use.get(name, -1) >= position}
+        crossing = [name for name in live if name in active]
+        if len(crossing) == 1 and crossing[0] in declarable:
+            cuts.append(Cut(position, crossing[0]))
+    return cuts
+
+
+def _balanced(prefix: np.ndarray, cuts: list[Cut], parts: int) -> list[Cut]:
+    """Choose parts-1 cuts minimising the costliest fragment (dynamic programming)."""
+    points = np.array([0] + [c.position for c in cuts] + [len(prefix) - 1])
+    at = prefix[points]
+    count = len(points)
+    best = np.full((parts + 1, count), np.inf)
+    came_from = np.zeros((parts + 1, count), dtype=int)
+    best[1] = at - at[0]
+    for used in range(2, parts + 1):
+        for end in range(used - 1, count):
+            options = np.maximum(best[used - 1, :end], at[end] - at[:end])
+            came_from[used, end] = int(np.argmin(options))
+            best[used, end] = options[came_from[used, end]]
+    chosen, end = [], count - 1
+    for used in range(parts, 1, -1):
+        end = came_from[used, end]
+        chosen.append(cuts[end - 1])
+    return sorted(chosen, key=lambda c: c.position)
+
+
+def _drop_unused_inputs(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node_inputs(node)}
+    used.update(o.name for o in model.graph.output)
+    keep = [i for i in model.graph.input if i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    total = sum(tensor_bytes(t) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            total += sum(tensor_bytes(a.t) for a in node.attribute if a.HasField("t"))
+    return total
+
+
+def split_graph(model: onnx.ModelProto, parts: int) -> list[FragmentGraph]:
+    """Cut a loaded model into ``parts`` fragments that, chained, compute the model.
+
+    Run on the original graph, before any onnxruntime optimisation: fused contrib ops
+    cannot be extracted.
+    """
+    if parts < 1:
+        raise SplitError(f"parts must be at least 1, not {parts}")
+    inferred = shape_inference.infer_shapes(model)
+    reference = shape_inference.infer_shapes(with_reference_dims(model), data_prop=True)
+    reference_shapes = known_shapes(reference)
+    costs = np.array([node_flops(n, reference_shapes) for n in reference.graph.node], dtype=float)
+    prefix = np.concatenate([[0.0], np.cumsum(costs)])
+
+    cuts = find_cuts(inferred)
+    if len(cuts) < parts - 1:
+        raise SplitError(
+            f"the model has {len(cuts)} single-activation cut points, "
+            f"too few for {parts} fragments (at most {len(cuts) + 1})"
+        )
+    chosen = _balanced(prefix, cuts, parts) if parts > 1 else []
+
+    graph_inputs = [i.name for i in inferred.graph.input]
+    initializers = {t.name for t in inferred.graph.initializer}
+    graph_inputs = [name for name in graph_inputs if name not in initializers]
+    graph_outputs = [o.name for o in inferred.graph.output]
+    extractor = Extractor(inferred)
+    bounds = [0] + [c.position for c in chosen] + [len(inferred.graph.node)]
+    # What each fragment receives from upstream (beyond graph inputs) and passes on.
+    received: list[list[str]] = [[]] + [[c.tensor] for c in chosen]
+    passed: list[list[str]] = [[c.tensor] for c in chosen] + [graph_outputs]
+
+    fragments = []
+    for index in range(parts):
+        start, end = bounds[index], bounds[index + 1]
+        outputs = passed[index]
+        fragment = extractor.extract_model([*received[index], *graph_inputs], outputs)
+        _drop_unused_inputs(fragment)
+        fragments.append(
+            FragmentGraph(
+                index=index,
+                model=fragment,
+                inputs=tuple(i.name for i in fragment.graph.input),
+                outputs=tuple(outputs),
+                flops=int(prefix[end] - prefix[start]),
+                weight_bytes=_weight_bytes(fragment),
+            )
+        )
+    return fragments

@@ -1,0 +1,22 @@
+"""The device's node: the daemon, its local API, and the Python client.
+
+from salala.node import connect
+node = connect()
+outputs = node.infer("minilm", {"input_ids": ..., "attention_mask": ..., "token_type_ids": ...})
+"""
+
+from ._client import AsyncClient as AsyncClient
+from ._client import Client as Client
+from ._client import connect as connect
+from ._client import connect_async as connect_async
+from ._errors import BadRequestError as BadRequestError
+from ._errors import CannotSplitError as CannotSplitError
+from ._errors import InvalidInputError as InvalidInputError
+from ._errors import InvalidModelError as InvalidModelError
+from ._errors import NodeAlreadyRunningError as NodeAlreadyRunningError
+from ._errors import NodeDisconnectedError as NodeDisconnectedError
+from ._errors import NodeError as NodeError
+from ._errors import NodeNotRunningError as NodeNotRunningError
+from ._errors import RequestError as RequestError
+from ._errors import SalalaError as SalalaError
+from ._errors import UnknownModelError as UnknownModelError

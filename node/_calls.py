@@ -1,0 +1,71 @@
+"""Each API call as data: method, params and how to read the result.
+
+Both client faces send these; only their I/O differs (blocking socket or trio stream).
+"""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from ._errors import ERRORS_BY_CODE, NodeDisconnectedError, NodeError
+from ._protocol import decode_tensors, encode_tensors, pack_frame, unpack_body
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    params: dict[str, Any]
+    read: Callable[[Any], T]
+
+    def request(self, request_id: int) -> bytes:
+        return pack_frame({"id": request_id, "method": self.method, "params": self.params})
+
+    def reply(self, request_id: int, body: bytes) -> T:
+        """The call's result, or the node's refusal raised as the matching error."""
+        message = unpack_body(body)
+        if message.get("id") not in (request_id, None):
+            raise NodeDisconnectedError("the node answered a different request")
+        if message.get("ok"):
+            return self.read(message.get("result"))
+        error = message.get("error") or {}
+        cls = ERRORS_BY_CODE.get(str(error.get("code")), NodeError)
+        raise cls(error.get("message", "the node refused the request"))
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def status() -> Call[dict[str, Any]]:
+    return Call("status", {}, _same)
+
+
+def models() -> Call[list[dict[str, Any]]]:
+    return Call("models", {}, _same)
+
+
+def add_model(path: str | PathLike[str], name: str | None = None) -> Call[dict[str, Any]]:
+    resolved = Path(path).expanduser().resolve()  # the node's working dir is not ours
+    return Call("add_model", {"path": str(resolved), "name": name or resolved.stem}, _same)
+
+
+def split_model(name: str, parts: int) -> Call[dict[str, Any]]:
+    return Call("split_model", {"name": name, "parts": parts}, _same)
+
+
+def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Call[dict[str, np.ndarray]]:
+    return Call(
+        "infer",
+        {"model": model, "inputs": encode_tensors(inputs)},
+        lambda result: decode_tensors(result["outputs"]),
+    )
+
+
+def shutdown() -> Call[None]:
+    return Call("shutdown", {}, lambda _: None)

@@ -1,0 +1,191 @@
+"""The Python client of a local node, with a blocking face and a trio face.
+
+    node = salala.node.connect()                # blocking
+    node.infer("minilm", {"input_ids": ...})
+
+    async with await salala.node.connect_async() as node:   # trio
+        await node.infer("minilm", {...})
+
+Both build the same :mod:`._calls`; they differ only in how bytes move.
+"""
+
+import itertools
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
+
+from . import _calls as calls
+from ._errors import NodeDisconnectedError, NodeNotRunningError
+from ._paths import DataDir, resolve_data_dir
+from ._protocol import HEADER, MAX_FRAME_LIMIT, frame_length
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 600.0  # a first inference may load a large model
+
+
+def _not_running(data_dir: DataDir, exc: Exception) -> NodeNotRunningError:
+    return NodeNotRunningError(
+        f"no node is running in {data_dir.root} ({exc}); start one with `salala node start`"
+    )
+
+
+class Client:
+    """A blocking connection to the local node. One call at a time."""
+
+    def __init__(self, data_dir: DataDir, timeout: float = CALL_TIMEOUT_S) -> None:
+        self.data_dir = data_dir
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            self._socket.connect(str(data_dir.socket))
+        except OSError as exc:
+            self._socket.close()
+            raise _not_running(data_dir, exc) from exc
+        self._socket.settimeout(timeout)
+
+    def _receive_exactly(self, count: int) -> bytes:
+        buffer = bytearray()
+        while len(buffer) < count:
+            chunk = self._socket.recv(min(count - len(buffer), 1 << 20))
+            if not chunk:
+                raise NodeDisconnectedError("the node closed the connection")
+            buffer += chunk
+        return bytes(buffer)
+
+    def _call(self, call: calls.Call[T]) -> T:
+        request_id = next(self._ids)
+        try:
+            try:
+                self._socket.sendall(call.request(request_id))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the node may have refused early (say, too large): read why below
+            length = frame_length(self._receive_exactly(HEADER.size), MAX_FRAME_LIMIT)
+            body = self._receive_exactly(length)
+        except (OSError, NodeDisconnectedError) as exc:  # OSError includes socket.timeout
+            self.close()
+            raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
+        return call.reply(request_id, body)
+
+    def status(self) -> dict[str, Any]:
+        return self._call(calls.status())
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call(calls.models())
+
+    def add_model(self, path: str | os.PathLike[str], name: str | None = None) -> dict[str, Any]:
+        return self._call(calls.add_model(path, name))
+
+    def split_model(self, name: str, parts: int) -> dict[str, Any]:
+        return self._call(calls.split_model(name, parts))
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._call(calls.infer(model, inputs))
+
+    def shutdown(self) -> None:
+        self._call(calls.shutdown())
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """A trio connection to the local node. Calls from several tasks take turns."""
+
+    def __init__(self, stream: trio.SocketStream, timeout: float = CALL_TIMEOUT_S) -> None:
+        self._stream = stream
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._turn = trio.Lock()
+
+    async def _receive_exactly(self, count: int) -> bytes:
+        buffer = bytearray()
+        while len(buffer) < count:
+            chunk = await self._stream.receive_some(min(count - len(buffer), 1 << 20))
+            if not chunk:
+                raise NodeDisconnectedError("the node closed the connection")
+            buffer += chunk
+        return bytes(buffer)
+
+    async def _call(self, call: calls.Call[T]) -> T:
+        async with self._turn:
+            request_id = next(self._ids)
+            try:
+                with trio.fail_after(self.timeout):
+                    try:
+                        await self._stream.send_all(call.request(request_id))
+                    except trio.BrokenResourceError:
+                        pass  # the node may have refused early (say, too large): read why
+                    header = await self._receive_exactly(HEADER.size)
+                    body = await self._receive_exactly(frame_length(header, MAX_FRAME_LIMIT))
+            except (
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                OSError,
+                NodeDisconnectedError,
+            ) as exc:
+                await self._stream.aclose()
+                raise NodeDisconnectedError(f"lost the node during {call.method}: {exc!r}") from exc
+        return call.reply(request_id, body)
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call(calls.status())
+
+    async def models(self) -> list[dict[str, Any]]:
+        return await self._call(calls.models())
+
+    async def add_model(
+        self, path: str | os.PathLike[str], name: str | None = None
+    ) -> dict[str, Any]:
+        return await self._call(calls.add_model(path, name))
+
+    async def split_model(self, name: str, parts: int) -> dict[str, Any]:
+        return await self._call(calls.split_model(name, parts))
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await self._call(calls.infer(model, inputs))
+
+    async def shutdown(self) -> None:
+        await self._call(calls.shutdown())
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def connect(
+    data_dir: str | os.PathLike[str] | None = None, timeout: float = CALL_TIMEOUT_S
+) -> Client:
+    """Connect to the node serving ``data_dir`` (default: $SALALA_HOME or the user dir)."""
+    return Client(resolve_data_dir(data_dir), timeout)
+
+
+async def connect_async(
+    data_dir: str | os.PathLike[str] | None = None, timeout: float = CALL_TIMEOUT_S
+) -> AsyncClient:
+    """The trio face of :func:`connect`."""
+    resolved = resolve_data_dir(data_dir)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_unix_socket(str(resolved.socket))
+    except (OSError, trio.TooSlowError) as exc:
+        raise _not_running(resolved, exc) from exc
+    return AsyncClient(stream, timeout)

@@ -1,0 +1,99 @@
+"""The node process: owns the identity, the model store, the libp2p host and the API.
+
+Runs in the foreground until SIGINT/SIGTERM or an API ``shutdown``; every part it starts
+is closed on the way out, including the API socket file.
+"""
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import models, runtime
+from ..mesh import open_host
+from ._errors import NodeAlreadyRunningError
+from ._identity import load_or_create_identity, short_id
+from ._paths import DataDir
+from ._server import serve_api
+from ._service import NodeService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: DataDir
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    threads: int | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+def _claim_socket(data_dir: DataDir) -> None:
+    """Refuse to start over a live node; clear a socket left by one that crashed."""
+    path = data_dir.socket
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody listening: stale
+    else:
+        raise NodeAlreadyRunningError(f"a node is already running in {data_dir.root}")
+    finally:
+        probe.close()
+
+
+def _register_builtins(store: models.ModelStore) -> None:
+    known = {m.name for m in store.list()}
+    for name, path in models.builtin_models().items():
+        if name not in known:
+            store.add(path, name)
+
+
+async def _stop_on_signal(service: NodeService) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            service.shutdown_requested.set()
+            return
+
+
+async def run_node(
+    config: NodeConfig,
+    *,
+    task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # stale trio-stubs from libp2p
+) -> None:
+    """Run a node until it is asked to stop."""
+    data_dir = config.data_dir
+    data_dir.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _claim_socket(data_dir)
+    key_pair = load_or_create_identity(data_dir.identity)
+    store = models.ModelStore(data_dir.store)
+    await trio.to_thread.run_sync(_register_builtins, store)
+    throughput = await trio.to_thread.run_sync(
+        runtime.cached_throughput, data_dir.throughput_cache, config.threads
+    )
+    async with open_host(key_pair, config.listen) as host, trio.open_nursery() as nursery:
+        service = NodeService(
+            data_dir=data_dir, store=store, host=host, throughput=throughput, threads=config.threads
+        )
+        nursery.start_soon(_stop_on_signal, service)
+        await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)
+        log.info(
+            "node %s ready (pid %d): api %s, listening on %s",
+            short_id(host.peer_id),
+            os.getpid(),
+            data_dir.socket,
+            ", ".join(host.addrs),
+        )
+        task_status.started(service)
+        await service.shutdown_requested.wait()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,78 @@
+"""Every error a Salala user can see.
+
+    SalalaError
+    ├── NodeNotRunningError       nothing answers on the data dir's API socket
+    ├── NodeAlreadyRunningError   another node already serves this data dir
+    ├── NodeDisconnectedError     the node closed the connection or stopped answering
+    ├── RequestError              the node refused the request (the node is fine)
+    │   ├── UnknownModelError     no model by that name
+    │   ├── InvalidInputError     wrong input names, dtypes or shapes
+    │   ├── InvalidModelError     the file is not a valid, self-contained ONNX model
+    │   ├── CannotSplitError      too few cut points for the parts asked for
+    │   └── BadRequestError       a malformed or oversized request
+    └── NodeError                 the node failed while serving the request
+
+The node sends a short code with each refusal; :data:`ERRORS_BY_CODE` turns it back into
+the same class on the client, so callers catch one tree whether the node is local or not.
+"""
+
+
+class SalalaError(Exception):
+    """Base class for every error Salala raises to its users."""
+
+
+class NodeNotRunningError(SalalaError):
+    """No node is serving the API socket in this data dir."""
+
+
+class NodeAlreadyRunningError(SalalaError):
+    """Another node already serves this data dir."""
+
+
+class NodeDisconnectedError(SalalaError):
+    """The connection to the node broke or timed out during a call."""
+
+
+class RequestError(SalalaError):
+    """The node refused the request; other requests are unaffected."""
+
+    code = "bad_request"
+
+
+class UnknownModelError(RequestError, LookupError):
+    code = "unknown_model"
+
+
+class InvalidInputError(RequestError, ValueError):
+    code = "invalid_input"
+
+
+class InvalidModelError(RequestError, ValueError):
+    code = "invalid_model"
+
+
+class CannotSplitError(RequestError, ValueError):
+    code = "cannot_split"
+
+
+class BadRequestError(RequestError, ValueError):
+    code = "bad_request"
+
+
+class NodeError(SalalaError):
+    """The node hit an internal fault serving this request."""
+
+    code = "internal"
+
+
+ERRORS_BY_CODE: dict[str, type[SalalaError]] = {
+    cls.code: cls
+    for cls in (
+        UnknownModelError,
+        InvalidInputError,
+        InvalidModelError,
+        CannotSplitError,
+        BadRequestError,
+        NodeError,
+    )
+}

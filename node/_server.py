@@ -1,0 +1,119 @@
+"""The local API server: framed msgpack over a Unix socket only its owner can open.
+
+Each connection is served by its own task; a client that sends garbage, stalls, or dies
+mid-request only ends its own connection. Every read and write has a deadline.
+"""
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._errors import BadRequestError, NodeError, SalalaError
+from ._protocol import HEADER, frame_length, pack_frame, unpack_body
+from ._service import NodeService, translate
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 3600.0  # a connected client may wait this long between requests
+TRANSFER_TIMEOUT_S = 120.0  # to finish receiving a request or sending a reply
+_CHUNK = 1 << 20
+
+
+class _ClientGone(Exception):
+    """The client closed its end, possibly mid-frame."""
+
+
+async def _receive_exactly(stream: trio.SocketStream, count: int) -> bytearray:
+    buffer = bytearray()
+    while len(buffer) < count:
+        chunk = await stream.receive_some(min(count - len(buffer), _CHUNK))
+        if not chunk:
+            raise _ClientGone
+        buffer += chunk
+    return buffer
+
+
+def _error_reply(request_id: Any, error: SalalaError) -> dict[str, Any]:
+    code = getattr(error, "code", NodeError.code)
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": str(error)}}
+
+
+async def _dispatch(service: NodeService, body: bytes) -> dict[str, Any]:
+    request_id = None
+    try:
+        request = unpack_body(body)
+        request_id = request.get("id")
+        method = request.get("method")
+        params = request.get("params", {})
+        handler = service.methods.get(method) if isinstance(method, str) else None
+        if handler is None:
+            raise BadRequestError(f"unknown method {method!r}; known: {sorted(service.methods)}")
+        if not isinstance(params, dict):
+            raise BadRequestError("params must be a map")
+        return {"id": request_id, "ok": True, "result": await handler(params)}
+    except SalalaError as exc:
+        return _error_reply(request_id, exc)
+    except Exception as exc:
+        user_error = translate(exc)
+        if user_error is None:
+            log.exception("internal error serving a request")
+            user_error = NodeError(f"internal error: {type(exc).__name__}: {exc}")
+        return _error_reply(request_id, user_error)
+
+
+async def _serve_connection(service: NodeService, limit: int, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            while True:
+                header = None
+                with trio.move_on_after(IDLE_TIMEOUT_S):
+                    header = await _receive_exactly(stream, HEADER.size)
+                if header is None:
+                    return  # idle too long: close
+                try:
+                    length = frame_length(bytes(header), limit)
+                except BadRequestError as exc:
+                    with trio.fail_after(TRANSFER_TIMEOUT_S):
+                        await stream.send_all(pack_frame(_error_reply(None, exc)))
+                    return  # cannot skip an oversized body safely: close
+                with trio.fail_after(TRANSFER_TIMEOUT_S):
+                    body = await _receive_exactly(stream, length)
+                reply = await _dispatch(service, bytes(body))
+                with trio.fail_after(TRANSFER_TIMEOUT_S):
+                    await stream.send_all(pack_frame(reply))
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return
+        except Exception:  # a handler must never take the server down
+            log.exception("API connection failed")
+
+
+async def serve_api(
+    path: Path,
+    service: NodeService,
+    max_request_bytes: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # stale trio-stubs from libp2p
+) -> None:
+    """Listen on ``path`` (mode 0600) until cancelled; removes the socket on exit."""
+    listener_socket = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)  # the socket is born 0600: no window where others can open it
+    try:
+        await listener_socket.bind(str(path))
+    finally:
+        os.umask(previous)
+    try:
+        listener_socket.listen(128)
+        listener = trio.SocketListener(listener_socket)
+        task_status.started()
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await _serve_connection(service, max_request_bytes, stream)
+
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        path.unlink(missing_ok=True)
+        listener_socket.close()

@@ -1,0 +1,15 @@
+"""Everything that happens on one device: onnxruntime sessions, providers, capacity."""
+
+from ._battery import BatterySource as BatterySource
+from ._battery import BatteryState as BatteryState
+from ._capacity import Capacity as Capacity
+from ._capacity import probe_capacity as probe_capacity
+from ._errors import InputMismatchError as InputMismatchError
+from ._errors import ModelLoadError as ModelLoadError
+from ._errors import RuntimeFault as RuntimeFault
+from ._providers import available_providers as available_providers
+from ._session import ModelSession as ModelSession
+from ._session import TensorSpec as TensorSpec
+from ._throughput import Throughput as Throughput
+from ._throughput import cached_throughput as cached_throughput
+from ._throughput import measure_throughput as measure_throughput

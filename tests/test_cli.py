@@ -1,0 +1,135 @@
+"""The `salala` command, run as a user would: a real binary against a real node."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SALALA, NodeProcess, minilm_inputs, minilm_path
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def salala(node: NodeProcess | Path, *args: str) -> subprocess.CompletedProcess[str]:
+    data_dir = node if isinstance(node, Path) else node.data_dir
+    return subprocess.run(
+        [SALALA, *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_node_status_json_has_peer_id_and_addrs(shared_node: NodeProcess) -> None:
+    done = salala(shared_node, "node", "status", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["peer_id"].startswith("12D3KooW") and status["addrs"]
+    assert status["capacity"]["gflops"] > 0
+
+
+def test_node_status_for_people_is_a_table(shared_node: NodeProcess) -> None:
+    done = salala(shared_node, "node", "status")
+    assert done.returncode == 0
+    assert "peer id" in done.stdout and "GFLOP/s" in done.stdout
+
+
+def test_models_list_and_add(shared_node: NodeProcess, tmp_path: Path) -> None:
+    listed = json.loads(salala(shared_node, "models", "list", "--json").stdout)
+    assert "minilm" in {m["name"] for m in listed}
+    added = salala(
+        shared_node, "models", "add", str(minilm_path()), "--name", "minilm-copy", "--json"
+    )
+    assert (
+        json.loads(added.stdout)["sha256"]
+        == next(m for m in listed if m["name"] == "minilm")["sha256"]
+    )
+    assert "minilm-copy" in salala(shared_node, "models", "list").stdout
+
+
+def test_models_split_json_lists_the_fragment_files(shared_node: NodeProcess) -> None:
+    done = salala(shared_node, "models", "split", "minilm", "--parts", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    fragments = json.loads(done.stdout)["fragments"]
+    assert len(fragments) == 3 and all(Path(f["path"]).is_file() for f in fragments)
+
+
+def test_run_with_two_texts_prints_their_cosine_similarity(shared_node: NodeProcess) -> None:
+    close = salala(
+        shared_node,
+        "run",
+        "minilm",
+        "--text",
+        "A cat sits on the mat.",
+        "--text",
+        "A kitten is sitting on a rug.",
+        "--json",
+    )
+    far = salala(
+        shared_node,
+        "run",
+        "minilm",
+        "--text",
+        "A cat sits on the mat.",
+        "--text",
+        "Interest rates rose by a quarter point.",
+        "--json",
+    )
+    assert close.returncode == 0, close.stderr
+    close_result, far_result = json.loads(close.stdout), json.loads(far.stdout)
+    assert len(close_result["embeddings"][0]) == 384
+    assert close_result["cosine"] > 0.5 > far_result["cosine"]
+    people = salala(shared_node, "run", "minilm", "--text", "hello", "--text", "hi there")
+    assert "cosine similarity" in people.stdout
+
+
+def test_run_with_npz_input_and_output(shared_node: NodeProcess, tmp_path: Path) -> None:
+    feeds = minilm_inputs()
+    np.savez(tmp_path / "in.npz", **feeds)
+    done = salala(
+        shared_node,
+        "run",
+        "minilm",
+        "--input",
+        str(tmp_path / "in.npz"),
+        "--output",
+        str(tmp_path / "out.npz"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "last_hidden_state" in done.stdout
+    with np.load(tmp_path / "out.npz") as out:
+        assert out["last_hidden_state"].shape == (2, 16, 384)
+
+
+def test_errors_are_one_line_and_exit_1(shared_node: NodeProcess, tmp_path: Path) -> None:
+    unknown = salala(shared_node, "run", "nope", "--text", "x")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: unknown model 'nope'")
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    refused = salala(shared_node, "models", "add", str(bad))
+    assert refused.returncode == 1 and "not a valid ONNX model" in refused.stderr
+    nobody = salala(tmp_path / "empty", "node", "status")
+    assert nobody.returncode == 1 and "no node is running" in nobody.stderr
+
+
+def test_make_run_prints_results_for_real_text(tmp_path: Path) -> None:
+    """The README's first command, after `make install` (which the test run itself needs)."""
+    done = subprocess.run(
+        ["make", "--no-print-directory", "run", f"RUN_HOME={tmp_path / 'run-home'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "COLUMNS": "200",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cosine similarity" in done.stdout and "node stopping" in done.stdout
