@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 run: install
 	@mkdir -p $(RUN_HOME)
 	@export SALALA_HOME=$(RUN_HOME); \
-	$(SALALA) node start --listen /ip4/127.0.0.1/tcp/0 > $(RUN_HOME)/node.log 2>&1 & node=$$!; \
+	$(SALALA) node start --listen /ip4/127.0.0.1/tcp/0 --no-mdns > $(RUN_HOME)/node.log 2>&1 & node=$$!; \
 	trap 'kill $$node 2>/dev/null' EXIT; \
 	$(SALALA) node status --wait 120 \
 	&& $(SALALA) run minilm --text "A man is playing a guitar on stage." \

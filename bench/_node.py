@@ -25,6 +25,7 @@ def running_node(data_dir: Path, *extra: str) -> Iterator[Client]:
                 str(data_dir),
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
                 *extra,
             ],
             stdout=log,

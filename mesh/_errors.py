@@ -11,3 +11,11 @@ class MeshError(Exception):
 
 class ListenAddressError(MeshError, ValueError):
     """A listen multiaddr is malformed, or its port cannot be bound."""
+
+
+class WireError(MeshError):
+    """A peer sent something that is not a valid message of the protocol."""
+
+
+class AuthError(MeshError):
+    """A peer failed the mesh-key handshake (wrong key, or not speaking it)."""

@@ -6,13 +6,14 @@ responder on every interface; we pass every option explicitly so none of that is
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 
 import multiaddr
 from libp2p import new_host
+from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
@@ -20,29 +21,25 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ._errors import ListenAddressError
 
-
-@dataclass(frozen=True)
-class MeshHost:
-    """What the rest of the node needs to know about its running host."""
-
-    peer_id: str
-    addrs: tuple[str, ...]
+# Multistream and Noise negotiation of a new connection must finish within this; a
+# client that connects and says nothing is dropped after it.
+NEGOTIATE_TIMEOUT_S = 10
 
 
-def parse_listen_addrs(addrs: list[str]) -> list[multiaddr.Multiaddr]:
+def parse_multiaddrs(addrs: list[str], what: str = "listen address") -> list[multiaddr.Multiaddr]:
     parsed = []
     for text in addrs:
         try:
             parsed.append(multiaddr.Multiaddr(text))
         except Exception as exc:  # multiaddr raises several unrelated types
-            raise ListenAddressError(f"invalid listen address {text!r}: {exc}") from exc
+            raise ListenAddressError(f"invalid {what} {text!r}: {exc}") from exc
     return parsed
 
 
 @asynccontextmanager
-async def open_host(key_pair: KeyPair, listen: list[str]) -> AsyncIterator[MeshHost]:
+async def open_host(key_pair: KeyPair, listen: list[str]) -> AsyncIterator[IHost]:
     """Run a libp2p host listening on ``listen`` for the duration of the block."""
-    addrs = parse_listen_addrs(listen)
+    addrs = parse_multiaddrs(listen)
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     host = new_host(
         key_pair=key_pair,
@@ -50,6 +47,10 @@ async def open_host(key_pair: KeyPair, listen: list[str]) -> AsyncIterator[MeshH
         muxer_opt={TProtocol(YAMUX_PROTOCOL): Yamux},
         listen_addrs=addrs,
         enable_mDNS=False,
+        negotiate_timeout=NEGOTIATE_TIMEOUT_S,
+        # py-libp2p's auto-connector dials everyone in the peerstore (strangers included)
+        # to keep 50+ connections; membership decides whom we talk to instead.
+        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
     )
     async with AsyncExitStack() as stack:
         # Binding a local port does not wait on the network, so no timeout here; a
@@ -58,7 +59,4 @@ async def open_host(key_pair: KeyPair, listen: list[str]) -> AsyncIterator[MeshH
             await stack.enter_async_context(host.run(listen_addrs=addrs))
         except OSError as exc:
             raise ListenAddressError(f"cannot listen on {listen}: {exc}") from exc
-        yield MeshHost(
-            peer_id=host.get_id().to_base58(),
-            addrs=tuple(str(a) for a in host.get_addrs()),
-        )
+        yield host

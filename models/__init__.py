@@ -8,6 +8,7 @@ from ._errors import SplitError as SplitError
 from ._errors import UnknownModelError as UnknownModelError
 from ._fragments import Fragment as Fragment
 from ._fragments import SplitPlan as SplitPlan
+from ._fragments import held_fragments as held_fragments
 from ._fragments import split_stored as split_stored
 from ._split import split_graph as split_graph
 from ._store import ModelStore as ModelStore

@@ -76,3 +76,15 @@ def split_stored(store: ModelStore, model: StoredModel, parts: int) -> SplitPlan
     tmp_file.write_text(json.dumps(plan.to_dict(), indent=1))
     tmp_file.replace(plan_file)
     return plan
+
+
+def held_fragments(store: ModelStore) -> list[str]:
+    """Hashes of every fragment this store holds, for the node's capacity advert."""
+    held: set[str] = set()
+    for plan_file in (store.root / "splits").glob("*.json"):
+        try:
+            fragments = json.loads(plan_file.read_text())["fragments"]
+            held.update(f["sha256"] for f in fragments if Path(f["path"]).is_file())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a plan being rewritten; the next advert will include it
+    return sorted(held)

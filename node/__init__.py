@@ -11,6 +11,7 @@ from ._client import connect as connect
 from ._client import connect_async as connect_async
 from ._errors import BadRequestError as BadRequestError
 from ._errors import CannotSplitError as CannotSplitError
+from ._errors import ConfigError as ConfigError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import InvalidModelError as InvalidModelError
 from ._errors import NodeAlreadyRunningError as NodeAlreadyRunningError

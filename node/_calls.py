@@ -67,5 +67,13 @@ def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Call[dict[str, np.nda
     )
 
 
+def peers() -> Call[list[dict[str, Any]]]:
+    return Call("peers", {}, _same)
+
+
+def invite() -> Call[dict[str, Any]]:
+    return Call("invite", {}, _same)
+
+
 def shutdown() -> Call[None]:
     return Call("shutdown", {}, lambda _: None)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._client import connect
-from ._errors import NodeNotRunningError, SalalaError
+from ._errors import ConfigError, NodeNotRunningError, SalalaError
 from ._paths import resolve_data_dir
 
 app = typer.Typer(
@@ -28,7 +28,9 @@ models_app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, help="Models stored on this node."
 )
 app.add_typer(node_app, name="node")
+mesh_app = typer.Typer(no_args_is_help=True, help="The mesh this node belongs to.")
 app.add_typer(models_app, name="models")
+app.add_typer(mesh_app, name="mesh")
 
 console = Console()
 DataDirOption = Annotated[
@@ -57,25 +59,64 @@ def node_start(
     data_dir: DataDirOption = None,
     listen: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--listen", help="libp2p listen multiaddr (repeatable)."),
+        typer.Option(
+            "--listen", help="libp2p listen multiaddr (repeatable) [default: all, port 0]."
+        ),
     ] = None,
+    mesh_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--mesh-key", help="Join the mesh with this key (remembered)."),
+    ] = None,
+    peer: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--peer", help="A member's multiaddr with /p2p/ id (repeatable)."),
+    ] = None,
+    join: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--join", help="A join URI from `salala mesh invite`."),
+    ] = None,
+    interface: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--interface", help="mDNS on this interface (repeatable) [default: LAN]."),
+    ] = None,
+    no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS at all.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads per model session.")] = None,  # noqa: UP045
     max_request_mb: Annotated[int, typer.Option(help="Largest API request accepted.")] = 1024,
 ) -> None:
     """Run this device's node in the foreground (Ctrl-C stops it)."""
     import trio
 
+    from ..mesh import MeshError, parse_invite
+    from ._config import load_file_config, resolve_mesh_key
     from ._daemon import DEFAULT_LISTEN, NodeConfig, run_node
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("salala").setLevel(logging.INFO)
+    resolved = resolve_data_dir(data_dir)
+    resolved.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    file_config = load_file_config(resolved)
+    peers = [*(peer or []), *file_config.peers]
+    given_key = mesh_key
+    if join:
+        try:
+            join_key, join_peers = parse_invite(join)
+        except MeshError as exc:
+            raise ConfigError(f"--join: {exc}") from exc
+        given_key, peers = str(join_key), [*peers, *join_peers]
     config = NodeConfig(
-        data_dir=resolve_data_dir(data_dir),
-        listen=listen or [DEFAULT_LISTEN],
+        data_dir=resolved,
+        mesh_key=resolve_mesh_key(resolved, given_key, file_config.mesh_key),
+        listen=listen or file_config.listen or [DEFAULT_LISTEN],
+        peers=peers,
+        interfaces=interface or file_config.interfaces or None,
+        mdns=not no_mdns and file_config.mdns is not False,
         threads=threads,
         max_request_bytes=max_request_mb << 20,
     )
-    trio.run(run_node, config)
+    try:
+        trio.run(run_node, config)
+    except MeshError as exc:  # bad listen address, interface or peer address
+        raise ConfigError(str(exc)) from exc
 
 
 @node_app.command("status")
@@ -120,6 +161,8 @@ def node_status(
     )
     table.add_row("providers", ", ".join(capacity["providers"]))
     table.add_row("measured", f"{capacity['gflops']} GFLOP/s")
+    table.add_row("mesh", f"{status['mesh_id']} ({status['members']} members)")
+    table.add_row("mDNS on", ", ".join(status["mdns_interfaces"]) or "off")
     table.add_row("models", str(status["models"]))
     console.print(table)
 
@@ -193,6 +236,131 @@ def models_split(
             fragment["path"],
         )
     console.print(table)
+
+
+@mesh_app.command("create")
+def mesh_create(as_json: JsonOption = False) -> None:
+    """Print a new mesh key. Start nodes with `--mesh-key KEY` to form the mesh."""
+    from ..mesh import MeshKey
+
+    key = MeshKey.generate()
+    if as_json:
+        _print_json({"mesh_key": str(key), "mesh_id": key.mesh_id})
+    else:
+        print(key)
+
+
+@mesh_app.command("invite")
+def mesh_invite(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """Print a join URI for this mesh (it holds the mesh key: share it like a password)."""
+    with connect(data_dir) as node:
+        invite = node.invite()
+    if as_json:
+        _print_json(invite)
+    else:
+        print(invite["uri"])
+
+
+def _ago(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.1f} s ago"
+
+
+def _peers_table(peers: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"Mesh: {len(peers)} members")
+    for column in (
+        "id",
+        "name",
+        "addresses",
+        "cores",
+        "free mem",
+        "GFLOP/s",
+        "providers",
+        "battery",
+        "load",
+        "RTT",
+        "last seen",
+    ):
+        table.add_column(column)
+    for peer in peers:
+        capacity = peer["capacity"]
+        battery = capacity["battery_percent"]
+        providers = [p.removesuffix("ExecutionProvider") for p in capacity["providers"]]
+        table.add_row(
+            peer["short_id"] + (" (this)" if peer["self"] else ""),
+            peer["name"],
+            "\n".join(a.split("/p2p/")[0] for a in peer["addrs"]),
+            f"{capacity['physical_cores'] or '?'}/{capacity['logical_cores'] or '?'}",
+            _human_bytes(capacity["memory_available"]),
+            str(capacity["gflops"] or "?"),
+            ",".join(providers),
+            "-" if battery is None else f"{battery:.0f}%{' ⚡' if capacity['charging'] else ''}",
+            "?" if capacity["load_1m"] is None else f"{capacity['load_1m']:.2f}",
+            "-" if peer["self"] else (f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] else "?"),
+            "now" if peer["self"] else _ago(peer["last_seen_s"]),
+        )
+    return table
+
+
+@mesh_app.command("peers")
+def mesh_peers(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """Every member with its capacity, RTT and when it was last heard from."""
+    with connect(data_dir) as node:
+        peers = node.peers()
+    if as_json:
+        _print_json(peers)
+    else:
+        console.print(_peers_table(peers))
+
+
+@mesh_app.command("status")
+def mesh_status(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """This node's view of the mesh: id, members, reachable peers, discovery."""
+    with connect(data_dir) as node:
+        status = node.status()
+        peers = node.peers()
+    summary = {
+        "mesh_id": status["mesh_id"],
+        "peer_id": status["peer_id"],
+        "addrs": status["addrs"],
+        "mdns_interfaces": status["mdns_interfaces"],
+        "members": len(peers),
+        "connected": sum(1 for p in peers if p["connected"] and not p["self"]),
+        "total_gflops": round(sum(p["capacity"]["gflops"] or 0 for p in peers), 2),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"Mesh {summary['mesh_id']}", show_header=False)
+    table.add_row("this node", f"{status['short_id']} ({status['peer_id']})")
+    table.add_row("members", str(summary["members"]))
+    table.add_row("connected to", str(summary["connected"]))
+    table.add_row("compute", f"{summary['total_gflops']} GFLOP/s in all")
+    table.add_row("mDNS on", ", ".join(summary["mdns_interfaces"]) or "off")
+    table.add_row("listening", "\n".join(summary["addrs"]))
+    console.print(table)
+
+
+@mesh_app.command("watch")
+def mesh_watch(
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+) -> None:
+    """A live view of the mesh until Ctrl-C (`--json`: one JSON line per refresh)."""
+    from rich.live import Live
+
+    with connect(data_dir) as node:
+        try:
+            if as_json:
+                while True:
+                    print(json.dumps(node.peers(), default=str), flush=True)
+                    time.sleep(interval)
+            with Live(_peers_table(node.peers()), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(_peers_table(node.peers()), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 def _print_tensors(outputs: dict[str, np.ndarray]) -> None:

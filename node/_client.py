@@ -89,6 +89,14 @@ class Client:
     def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._call(calls.infer(model, inputs))
 
+    def peers(self) -> list[dict[str, Any]]:
+        """Every member of the mesh this node knows, itself included, with capacity."""
+        return self._call(calls.peers())
+
+    def invite(self) -> dict[str, Any]:
+        """A join URI for this mesh (it carries the mesh key: treat it as a secret)."""
+        return self._call(calls.invite())
+
     def shutdown(self) -> None:
         self._call(calls.shutdown())
 
@@ -157,6 +165,12 @@ class AsyncClient:
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self._call(calls.infer(model, inputs))
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return await self._call(calls.peers())
+
+    async def invite(self) -> dict[str, Any]:
+        return await self._call(calls.invite())
 
     async def shutdown(self) -> None:
         await self._call(calls.shutdown())

@@ -1,4 +1,4 @@
-"""The node process: owns the identity, the model store, the libp2p host and the API.
+"""The node process: owns the identity, the model store, the mesh and the local API.
 
 Runs in the foreground until SIGINT/SIGTERM or an API ``shutdown``; every part it starts
 is closed on the way out, including the API socket file.
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import trio
 
 from .. import models, runtime
-from ..mesh import open_host
+from ..mesh import MeshConfig, MeshKey, open_mesh, short_id
 from ._errors import NodeAlreadyRunningError
-from ._identity import load_or_create_identity, short_id
+from ._identity import load_or_create_identity
 from ._paths import DataDir
 from ._server import serve_api
 from ._service import NodeService
@@ -29,7 +29,11 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 @dataclass(frozen=True)
 class NodeConfig:
     data_dir: DataDir
+    mesh_key: MeshKey
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    peers: list[str] = field(default_factory=list)
+    interfaces: list[str] | None = None
+    mdns: bool = True
     threads: int | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
@@ -81,18 +85,33 @@ async def run_node(
     throughput = await trio.to_thread.run_sync(
         runtime.cached_throughput, data_dir.throughput_cache, config.threads
     )
-    async with open_host(key_pair, config.listen) as host, trio.open_nursery() as nursery:
+
+    def local_state() -> tuple[dict[str, object], list[str]]:
+        return runtime.probe_capacity(throughput).to_dict(), models.held_fragments(store)
+
+    mesh_config = MeshConfig(
+        key=config.mesh_key,
+        listen=config.listen,
+        peers=config.peers,
+        interfaces=config.interfaces,
+        mdns=config.mdns,
+    )
+    async with (
+        open_mesh(key_pair, mesh_config, local_state) as mesh,
+        trio.open_nursery() as nursery,
+    ):
         service = NodeService(
-            data_dir=data_dir, store=store, host=host, throughput=throughput, threads=config.threads
+            data_dir=data_dir, store=store, mesh=mesh, throughput=throughput, threads=config.threads
         )
         nursery.start_soon(_stop_on_signal, service)
         await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)
         log.info(
-            "node %s ready (pid %d): api %s, listening on %s",
-            short_id(host.peer_id),
+            "node %s ready (pid %d) in mesh %s: api %s, listening on %s",
+            short_id(mesh.peer_id),
             os.getpid(),
+            mesh.mesh_id,
             data_dir.socket,
-            ", ".join(host.addrs),
+            ", ".join(mesh.addrs),
         )
         task_status.started(service)
         await service.shutdown_requested.wait()

@@ -3,6 +3,7 @@
     SalalaError
     ├── NodeNotRunningError       nothing answers on the data dir's API socket
     ├── NodeAlreadyRunningError   another node already serves this data dir
+    ├── ConfigError               invalid settings (flags, config.toml, mesh key)
     ├── NodeDisconnectedError     the node closed the connection or stopped answering
     ├── RequestError              the node refused the request (the node is fine)
     │   ├── UnknownModelError     no model by that name
@@ -27,6 +28,10 @@ class NodeNotRunningError(SalalaError):
 
 class NodeAlreadyRunningError(SalalaError):
     """Another node already serves this data dir."""
+
+
+class ConfigError(SalalaError, ValueError):
+    """The node's settings are invalid; the message names the setting."""
 
 
 class NodeDisconnectedError(SalalaError):

@@ -11,8 +11,6 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-_PREFIX = "12D3KooW"  # every Ed25519 peer id starts with this
-
 
 def load_or_create_identity(path: Path) -> KeyPair:
     if path.exists():
@@ -30,8 +28,3 @@ def load_or_create_identity(path: Path) -> KeyPair:
 
 def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()
-
-
-def short_id(peer_id: str) -> str:
-    """Eight characters people can read aloud: the tail of the id, past the fixed prefix."""
-    return peer_id.removeprefix(_PREFIX)[-8:]

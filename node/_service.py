@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from .. import models, runtime
-from ..mesh import MeshHost
+from ..mesh import Mesh, short_id
 from ._errors import (
     BadRequestError,
     CannotSplitError,
@@ -21,7 +21,6 @@ from ._errors import (
     SalalaError,
     UnknownModelError,
 )
-from ._identity import short_id
 from ._paths import DataDir
 from ._protocol import decode_tensors, encode_tensors
 
@@ -57,13 +56,13 @@ class NodeService:
         *,
         data_dir: DataDir,
         store: models.ModelStore,
-        host: MeshHost,
+        mesh: Mesh,
         throughput: runtime.Throughput,
         threads: int | None,
     ) -> None:
         self.data_dir = data_dir
         self.store = store
-        self.host = host
+        self.mesh = mesh
         self.throughput = throughput
         self.threads = threads
         self.shutdown_requested = trio.Event()
@@ -78,14 +77,21 @@ class NodeService:
             "add_model": self.add_model,
             "split_model": self.split_model,
             "infer": self.infer,
+            "peers": self.peers,
+            "invite": self.invite,
             "shutdown": self.shutdown,
         }
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
         return {
-            "peer_id": self.host.peer_id,
-            "short_id": short_id(self.host.peer_id),
-            "addrs": list(self.host.addrs),
+            "peer_id": self.mesh.peer_id,
+            "short_id": short_id(self.mesh.peer_id),
+            "addrs": list(self.mesh.addrs),
+            "mesh_id": self.mesh.mesh_id,
+            "mdns_interfaces": [i.name for i in self.mesh.interfaces]
+            if self.mesh.config.mdns
+            else [],
+            "members": len(self.mesh.membership.members()),
             "pid": os.getpid(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self._started, 3),
@@ -112,6 +118,7 @@ class NodeService:
         plan = await trio.to_thread.run_sync(
             models.split_stored, self.store, stored, parts, limiter=self._compute
         )
+        self.mesh.refresh()  # the advert lists held fragments: announce them now
         return plan.to_dict()
 
     async def _session(self, stored: models.StoredModel) -> runtime.ModelSession:
@@ -131,6 +138,12 @@ class NodeService:
         session.check_inputs(inputs)  # refuse cheaply before waiting for a compute slot
         outputs = await trio.to_thread.run_sync(session.run, inputs, limiter=self._compute)
         return {"outputs": encode_tensors(outputs)}
+
+    async def peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.mesh.peers()
+
+    async def invite(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"uri": self.mesh.invite(), "mesh_id": self.mesh.mesh_id}
 
     async def shutdown(self, params: dict[str, Any]) -> dict[str, Any]:
         self.shutdown_requested.set()

@@ -17,6 +17,7 @@ from salala.node import Client, NodeNotRunningError, connect
 
 SALALA = str(Path(sys.executable).parent / "salala")
 START_TIMEOUT_S = 60.0
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 def ocr_model_path() -> Path:
@@ -63,19 +64,28 @@ class NodeProcess:
         return (self.data_dir / "node.log").read_text(errors="replace")
 
 
-def start_node(data_dir: Path, *extra: str) -> NodeProcess:
-    """A real node process on loopback; returns once its API answers."""
+def start_node(
+    data_dir: Path, *extra: str, prefix: tuple[str, ...] = (), listen: str = LOOPBACK
+) -> NodeProcess:
+    """A real node process; returns once its API answers.
+
+    mDNS stays off unless ``extra`` names an interface: tests never multicast on the
+    machine's real network.
+    """
+    mdns = () if "--interface" in extra else ("--no-mdns",)
     data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir / "node.log").open("ab") as log:  # the child keeps its own copy
         process = subprocess.Popen(
             [
+                *prefix,
                 SALALA,
                 "node",
                 "start",
                 "--data-dir",
                 str(data_dir),
                 "--listen",
-                "/ip4/127.0.0.1/tcp/0",
+                listen,
+                *mdns,
                 *extra,
             ],
             stdout=log,

@@ -1,0 +1,385 @@
+"""A node's membership of its mesh: who is in it, how to reach them, who to keep out.
+
+One ``Mesh`` owns the libp2p host's protocol handlers and a nursery of tasks:
+
+- *refresh*: re-measures this node and bumps its advert's seq every few seconds;
+- *maintain*: evicts silent members, drops connections that never authenticated, and
+  starts a *peer task* for every member, bootstrap peer or mDNS find it is not talking to;
+- *peer task* (one per peer): dial, prove the mesh key, then exchange membership once a
+  second until the exchange fails; its exit schedules a retry with backoff;
+- *mDNS* (optional): advertise and browse on the chosen interfaces.
+
+Every stream operation has a deadline; every handler catches everything and resets its
+stream, so no peer can take the host down.
+"""
+
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from . import _auth, _sync
+from ._adverts import Advert, advert_from_wire
+from ._errors import AuthError, MeshError, WireError
+from ._host import open_host, parse_multiaddrs
+from ._interfaces import advertised_addrs, select_interfaces
+from ._invite import make_invite
+from ._mdns import run_mdns
+from ._membership import Change, Membership
+from ._meshkey import MeshKey
+from ._peerid import short_id
+from ._wire import read_message, write_message
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+ADVERT_REFRESH_S = 2.0
+EXCHANGE_TIMEOUT_S = 3.0
+SILENT_S = 6.0
+AUTH_GRACE_S = 5.0
+DIAL_TIMEOUT_S = 5.0
+DISCONNECT_TIMEOUT_S = 2.0
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 8.0
+MAINTAIN_S = 0.5
+
+LocalState = Callable[[], tuple[dict[str, Any], list[str]]]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    key: MeshKey
+    listen: list[str]
+    peers: list[str] = field(default_factory=list)
+    interfaces: list[str] | None = None
+    mdns: bool = True
+    name: str = field(default_factory=socket.gethostname)
+
+
+def _peer_of(addr: str) -> str:
+    parts = addr.rstrip("/").split("/")
+    if "p2p" not in parts or parts.index("p2p") + 1 >= len(parts):
+        raise MeshError(f"peer address {addr!r} needs a /p2p/<peer id> part")
+    return parts[parts.index("p2p") + 1]
+
+
+class Mesh:
+    def __init__(
+        self, host: IHost, key_pair: KeyPair, config: MeshConfig, local_state: LocalState
+    ) -> None:
+        self._host = host
+        self._key_pair = key_pair
+        self.config = config
+        self._local_state = local_state
+        self.peer_id = host.get_id().to_base58()
+        self.interfaces = select_interfaces(config.interfaces)
+        self.addrs = advertised_addrs(
+            [str(a) for a in host.get_addrs()], self.peer_id, self.interfaces
+        )
+        self._targets: dict[str, list[str]] = {}  # bootstrap and mDNS finds: peer -> addrs
+        for addr in config.peers:
+            self._targets.setdefault(_peer_of(addr), []).append(addr)
+        self._targets.pop(self.peer_id, None)
+        self._authenticated: set[str] = set()
+        self._sessions: dict[str, trio.CancelScope] = {}
+        self._retry_at: dict[str, float] = {}
+        self._retry_delay: dict[str, float] = {}
+        self._unauthenticated_since: dict[str, float] = {}
+        self._incarnation = time.time_ns() // 1_000_000
+        self._seq = 0
+        self.membership = Membership(self._make_advert(), trio.current_time())
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def mesh_id(self) -> str:
+        return self.config.key.mesh_id
+
+    def invite(self) -> str:
+        return make_invite(self.config.key, self.addrs)
+
+    # ---- own advert -------------------------------------------------------------
+
+    def _make_advert(self) -> Advert:
+        capacity, fragments = self._local_state()
+        self._seq += 1
+        return Advert(
+            peer_id=self.peer_id,
+            incarnation=self._incarnation,
+            seq=self._seq,
+            name=self.config.name[:64],
+            addrs=tuple(self.addrs),
+            capacity=capacity,
+            fragments=tuple(fragments),
+        ).signed(self._key_pair.private_key)
+
+    def refresh(self) -> None:
+        """Publish a new advert now (called on a timer and when local state changes)."""
+        self.membership.set_own(self._make_advert(), trio.current_time())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(ADVERT_REFRESH_S)
+            self.refresh()
+
+    # ---- what callers see -----------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        rows = []
+        for member in self.membership.members():
+            advert = member.advert
+            is_self = advert.peer_id == self.peer_id
+            rows.append(
+                {
+                    "peer_id": advert.peer_id,
+                    "short_id": short_id(advert.peer_id),
+                    "name": advert.name,
+                    "self": is_self,
+                    "connected": is_self or advert.peer_id in self._sessions,
+                    "addrs": list(advert.addrs),
+                    "capacity": advert.capacity,
+                    "fragments": list(advert.fragments),
+                    "incarnation": advert.incarnation,
+                    "seq": advert.seq,
+                    "rtt_ms": member.rtt_ms,
+                    "last_seen_s": round(now - member.last_seen, 3),
+                }
+            )
+        return sorted(rows, key=lambda r: (not r["self"], r["name"], r["peer_id"]))
+
+    # ---- adverts from others --------------------------------------------------
+
+    def _take_adverts(self, wires: list[Any], via: str) -> None:
+        now = trio.current_time()
+        for wire in wires:
+            try:
+                advert = advert_from_wire(wire)
+            except WireError as exc:
+                log.debug("ignoring advert from %s: %s", via, exc)
+                continue
+            change = self.membership.apply(advert, now)
+            if change in (Change.NEW, Change.RESTARTED):
+                log.info(
+                    "peer %s (%s) %s",
+                    advert.peer_id[-8:],
+                    advert.name,
+                    "joined" if change is Change.NEW else "restarted",
+                )
+                self._learn_addrs(advert.peer_id, list(advert.addrs))
+
+    def _learn_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Fresh addresses replace old ones; py-libp2p's 60 s dial block is lifted."""
+        try:
+            peer = ID.from_base58(peer_id)
+            new = parse_multiaddrs(addrs, "peer address")
+        except (MeshError, ValueError):
+            return
+        peerstore = self._host.get_peerstore()
+        peerstore.clear_addrs(peer)
+        peerstore.add_addrs(peer, new, 3600)
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(peer)
+        self._retry_at.pop(peer_id, None)
+        self._retry_delay.pop(peer_id, None)
+
+    def found_by_mdns(self, peer_id: str, addrs: list[str]) -> None:
+        if peer_id != self.peer_id and self._targets.get(peer_id) != addrs:
+            self._targets[peer_id] = addrs
+            self._learn_addrs(peer_id, addrs)
+
+    # ---- inbound streams ------------------------------------------------------
+
+    async def _handle_auth(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        try:
+            await _auth.verify_as_responder(stream, self.config.key, self._host.get_id(), peer)
+        except AuthError as exc:
+            log.info("refused %s: %s", peer.to_base58()[-8:], exc)
+            await self._reset(stream)
+            self._disconnect_soon(peer.to_base58())
+            return
+        self._authenticated.add(peer.to_base58())
+        with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+            await stream.close()
+
+    async def _handle_sync(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        if peer not in self._authenticated:
+            await self._reset(stream)
+            return
+        while True:
+            request = await read_message(
+                stream, EXCHANGE_TIMEOUT_S + HEARTBEAT_S * 3, _sync.MAX_SYNC_FRAME
+            )
+            digest, adverts = _sync.parse_sync(request)
+            self._take_adverts(adverts, via=peer)
+            self.membership.heard_from(peer, trio.current_time())
+            reply = _sync.sync_message(self.membership.digest(), self.membership.newer_than(digest))
+            await write_message(stream, reply, EXCHANGE_TIMEOUT_S)
+
+    def _guarded(self, handler: Callable[[INetStream], Any]) -> Callable[[INetStream], Any]:
+        """A stream handler that can never raise into the host."""
+
+        async def guarded(stream: INetStream) -> None:
+            try:
+                await handler(stream)
+            except Exception as exc:  # any peer misbehaviour ends only this stream
+                log.debug("stream %s ended: %r", handler.__name__, exc)
+                await self._reset(stream)
+
+        return guarded
+
+    async def _reset(self, stream: INetStream) -> None:
+        with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+            try:
+                await stream.reset()
+            except Exception:  # the stream may already be gone
+                pass
+
+    def _disconnect_soon(self, peer_id: str) -> None:
+        async def disconnect() -> None:
+            with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+                try:
+                    await self._host.disconnect(ID.from_base58(peer_id))
+                except Exception as exc:  # already gone is fine
+                    log.debug("disconnect %s: %r", peer_id[-8:], exc)
+
+        if self._nursery is not None:
+            self._nursery.start_soon(disconnect)
+
+    # ---- outbound: one task per peer -------------------------------------------
+
+    async def _peer_task(self, peer_id: str, scope: trio.CancelScope) -> None:
+        peer = ID.from_base58(peer_id)
+        with scope:
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    if peer not in self._host.get_connected_peers():
+                        addrs = self._host.get_peerstore().addrs(peer)
+                        await self._host.connect(PeerInfo(peer, addrs))
+                    stream = await self._host.new_stream(peer, [_auth.PROTOCOL])
+                try:
+                    await _auth.prove_as_dialer(stream, self.config.key, self._host.get_id(), peer)
+                finally:
+                    await self._reset(stream)
+                self._authenticated.add(peer_id)
+                self._retry_delay.pop(peer_id, None)
+                await self._exchange_forever(peer)
+            except AuthError as exc:
+                log.info("%s", exc)
+                self._disconnect_soon(peer_id)
+                self._schedule_retry(peer_id, RETRY_MAX_S * 4)
+            except Exception as exc:  # dial failures, resets, timeouts: retry later
+                log.debug("peer %s: %r", peer_id[-8:], exc)
+                self._schedule_retry(peer_id)
+        self._sessions.pop(peer_id, None)
+
+    def _schedule_retry(self, peer_id: str, delay: float | None = None) -> None:
+        delay = delay or min(RETRY_MAX_S, self._retry_delay.get(peer_id, RETRY_MIN_S / 2) * 2)
+        self._retry_delay[peer_id] = delay
+        self._retry_at[peer_id] = trio.current_time() + delay
+
+    async def _exchange_forever(self, peer: ID) -> None:
+        peer_id = peer.to_base58()
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            stream = await self._host.new_stream(peer, [_sync.PROTOCOL])
+        their_digest: dict[str, tuple[int, int]] = {}
+        try:
+            while True:
+                started = trio.current_time()
+                message = _sync.sync_message(
+                    self.membership.digest(), self.membership.newer_than(their_digest)
+                )
+                with trio.fail_after(EXCHANGE_TIMEOUT_S):
+                    await write_message(stream, message)
+                    reply = await read_message(stream, EXCHANGE_TIMEOUT_S, _sync.MAX_SYNC_FRAME)
+                now = trio.current_time()
+                their_digest, adverts = _sync.parse_sync(reply)
+                self._take_adverts(adverts, via=peer_id)
+                self.membership.heard_from(peer_id, now, rtt_ms=round((now - started) * 1000, 3))
+                await trio.sleep(HEARTBEAT_S)
+        finally:
+            await self._reset(stream)
+
+    # ---- upkeep ------------------------------------------------------------------
+
+    def _maintain(self, nursery: trio.Nursery) -> None:
+        now = trio.current_time()
+        for peer_id in self.membership.evict_silent(now, SILENT_S):
+            log.info("peer %s evicted: silent for %.0f s", peer_id[-8:], SILENT_S)
+            self._authenticated.discard(peer_id)
+            scope = self._sessions.pop(peer_id, None)
+            if scope is not None:
+                scope.cancel()
+            self._disconnect_soon(peer_id)
+
+        connected = {p.to_base58() for p in self._host.get_connected_peers()}
+        for peer_id in connected - self._authenticated - set(self._sessions):
+            since = self._unauthenticated_since.setdefault(peer_id, now)
+            if now - since > AUTH_GRACE_S:
+                log.info("dropping %s: no mesh handshake within %.0f s", peer_id[-8:], AUTH_GRACE_S)
+                self._unauthenticated_since.pop(peer_id)
+                self._disconnect_soon(peer_id)
+        for peer_id in list(self._unauthenticated_since):
+            if peer_id not in connected or peer_id in self._authenticated:
+                del self._unauthenticated_since[peer_id]
+
+        wanted = set(self._targets) | {m.advert.peer_id for m in self.membership.members()}
+        wanted.discard(self.peer_id)
+        for peer_id in wanted - set(self._sessions):
+            if self._retry_at.get(peer_id, 0.0) > now:
+                continue
+            if peer_id in self._targets and peer_id not in self.membership:
+                self._learn_addrs(peer_id, self._targets[peer_id])
+            scope = trio.CancelScope()
+            self._sessions[peer_id] = scope
+            nursery.start_soon(self._peer_task, peer_id, scope)
+
+    async def _maintain_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            self._maintain(nursery)
+            await trio.sleep(MAINTAIN_S)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._host.set_stream_handler(_auth.PROTOCOL, self._guarded(self._handle_auth))
+        self._host.set_stream_handler(_sync.PROTOCOL, self._guarded(self._handle_sync))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._refresh_loop)
+            if self.config.mdns:
+                await nursery.start(
+                    lambda task_status: run_mdns(
+                        mesh_id=self.mesh_id,
+                        peer_id=self.peer_id,
+                        addrs=self.addrs,
+                        interfaces=self.interfaces,
+                        found=self.found_by_mdns,
+                        task_status=task_status,
+                    )
+                )
+            nursery.start_soon(self._maintain_loop, nursery)
+            task_status.started()
+
+
+@asynccontextmanager
+async def open_mesh(
+    key_pair: KeyPair, config: MeshConfig, local_state: LocalState
+) -> AsyncIterator[Mesh]:
+    """Start this node's host and mesh membership; both stop when the block exits."""
+    async with open_host(key_pair, config.listen) as host, trio.open_nursery() as nursery:
+        mesh = Mesh(host, key_pair, config, local_state)
+        await nursery.start(mesh.run)
+        try:
+            yield mesh
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,70 @@
+"""Framed msgpack messages on libp2p streams, with a deadline on every read and write.
+
+A frame is a 4-byte big-endian length and a msgpack map. py-libp2p's ``stream.read(n)``
+returns *up to* n bytes, so reads loop until they have the whole frame; every peer is
+untrusted, so lengths are capped before anything is allocated.
+"""
+
+import struct
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.abc import INetStream
+
+from ._errors import WireError
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 1 << 20  # control messages; tensors get their own limit
+IO_TIMEOUT_S = 10.0
+_CHUNK = 1 << 20
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack(body: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, ...
+        raise WireError(f"not msgpack: {exc}") from exc
+    if not isinstance(message, dict):
+        raise WireError(f"expected a map, got {type(message).__name__}")
+    return message
+
+
+async def read_exactly(stream: INetStream, count: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < count:
+        chunk = await stream.read(min(count - len(buffer), _CHUNK))
+        if not chunk:
+            raise WireError(f"stream ended after {len(buffer)} of {count} bytes")
+        buffer += chunk
+    return bytes(buffer)
+
+
+async def read_message(
+    stream: INetStream, timeout: float = IO_TIMEOUT_S, max_frame: int = DEFAULT_MAX_FRAME
+) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        (length,) = HEADER.unpack(await read_exactly(stream, HEADER.size))
+        if length > max_frame:
+            raise WireError(f"frame of {length} bytes exceeds the limit of {max_frame}")
+        return unpack(await read_exactly(stream, length))
+
+
+async def write_message(
+    stream: INetStream, message: dict[str, Any], timeout: float = IO_TIMEOUT_S
+) -> None:
+    with trio.fail_after(timeout):
+        await stream.write(pack(message))
+
+
+def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """A required field of the given type, or WireError naming it."""
+    value = message.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise WireError(f"field {name!r} must be {kind}, got {type(value).__name__}")
+    return value

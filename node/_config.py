@@ -1,0 +1,94 @@
+"""The node's settings: command-line flags over ``config.toml`` over defaults.
+
+``config.toml`` in the data dir is optional and written by people, so unknown keys and
+wrong types are refused with the key's name rather than ignored:
+
+    mesh_key = "salala-mesh-…"
+    listen = ["/ip4/0.0.0.0/tcp/4001"]
+    peers = ["/ip4/192.168.1.20/tcp/4001/p2p/12D3KooW…"]
+    interfaces = ["wlan0"]
+    mdns = true
+
+The mesh key a node last used is kept in ``mesh.key`` (mode 0600), so a device that
+joined a mesh stays in it across restarts; a node given no key starts a mesh of its own.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..mesh import MeshKey, MeshKeyError
+from ._errors import ConfigError
+from ._paths import DataDir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    mesh_key: str | None = None
+    listen: list[str] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+    interfaces: list[str] = field(default_factory=list)
+    mdns: bool | None = None
+
+
+def load_file_config(data_dir: DataDir) -> FileConfig:
+    path = data_dir.root / "config.toml"
+    if not path.exists():
+        return FileConfig()
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    kinds: dict[str, type] = {
+        "mesh_key": str,
+        "listen": list,
+        "peers": list,
+        "interfaces": list,
+        "mdns": bool,
+    }
+    for key, value in raw.items():
+        if key not in kinds:
+            raise ConfigError(f"{path}: unknown setting {key!r}; known: {sorted(kinds)}")
+        strings = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not isinstance(value, kinds[key]) or (kinds[key] is list and not strings):
+            what = "list of strings" if kinds[key] is list else kinds[key].__name__
+            raise ConfigError(f"{path}: {key!r} must be a {what}")
+    return FileConfig(**raw)
+
+
+def _key_file(data_dir: DataDir) -> Path:
+    return data_dir.root / "mesh.key"
+
+
+def _save_key(data_dir: DataDir, key: MeshKey) -> None:
+    path = _key_file(data_dir)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as stream:
+        stream.write(f"{key}\n")
+    tmp.replace(path)
+
+
+def resolve_mesh_key(data_dir: DataDir, given: str | None, configured: str | None) -> MeshKey:
+    """The key from the flag (remembered), else config.toml, else mesh.key, else a new one."""
+    try:
+        if given:
+            key = MeshKey.parse(given)
+            _save_key(data_dir, key)
+            return key
+        if configured:
+            return MeshKey.parse(configured)
+        if _key_file(data_dir).exists():
+            return MeshKey.parse(_key_file(data_dir).read_text())
+    except MeshKeyError as exc:
+        raise ConfigError(f"mesh key: {exc}") from exc
+    key = MeshKey.generate()
+    _save_key(data_dir, key)
+    return key
