@@ -1,36 +1,53 @@
-"""`python -m bench`: run every benchmark, print a table, write bench/results/*.json."""
+"""`python -m bench [NAME ...]`: run benchmarks, print tables, write bench/results/*.json."""
 
 import json
 import platform
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import local
+from . import local, mesh_join
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
+    "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
+    "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
+}
 
-def main() -> None:
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table
+
+
+def main(names: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
     machine = {
         "cpu_count": psutil.cpu_count(),
         "platform": platform.platform(),
         "onnxruntime": ort.__version__,
     }
-    rows = local.run()
-    (RESULTS / "local.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    table = Table(title="MiniLM on one device, batch 1, 128 tokens")
-    for column in ("setup", "p50 ms", "p95 ms", "n"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row["setup"], f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", str(row["n"]))
-    Console().print(table)
-    print(f"results: {RESULTS / 'local.json'}")
+    console = Console()
+    for name in names or list(BENCHMARKS):
+        title, run = BENCHMARKS[name]
+        rows = run()
+        (RESULTS / f"{name}.json").write_text(
+            json.dumps({"title": title, "machine": machine, "rows": rows}, indent=2)
+        )
+        console.print(_table(title, rows))
+        console.print(f"results: {RESULTS / f'{name}.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -116,3 +116,36 @@ def advert_from_wire(wire: Any) -> Advert:
     if public_key is None or not public_key.verify(advert._signed_bytes(), advert.sig):
         raise WireError(f"advert for {advert.peer_id} has a bad signature")
     return advert
+
+
+def capacity_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a new capacity reading is worth a new advert.
+
+    Load, free memory and battery drift all the time; re-advertising every wobble would
+    make every heartbeat carry every member's advert. Placement only cares about moves
+    this large.
+    """
+    fixed = (
+        "platform",
+        "logical_cores",
+        "physical_cores",
+        "memory_total",
+        "providers",
+        "gflops",
+        "charging",
+    )
+    if any(old.get(k) != new.get(k) for k in fixed):
+        return True
+
+    def moved(name: str, threshold: float) -> bool:
+        a, b = old.get(name), new.get(name)
+        if (a is None) != (b is None):
+            return True
+        return a is not None and b is not None and abs(a - b) >= threshold
+
+    memory_step = 0.05 * (new.get("memory_total") or 0) or 256 * 2**20
+    return (
+        moved("memory_available", memory_step)
+        or moved("load_1m", 0.5)
+        or moved("battery_percent", 2)
+    )

@@ -2,11 +2,12 @@
 
 One ``Mesh`` owns the libp2p host's protocol handlers and a nursery of tasks:
 
-- *refresh*: re-measures this node and bumps its advert's seq every few seconds;
+- *refresh*: re-reads this node's capacity every 2 s and publishes a new advert when it
+  moved materially, its fragments changed, or 30 s have passed;
 - *maintain*: evicts silent members, drops connections that never authenticated, and
   starts a *peer task* for every member, bootstrap peer or mDNS find it is not talking to;
-- *peer task* (one per peer): dial, prove the mesh key, then exchange membership once a
-  second until the exchange fails; its exit schedules a retry with backoff;
+- *peer task* (one per peer): dial, prove the mesh key, then exchange membership every
+  2 s until an exchange fails; its exit schedules a retry with backoff;
 - *mDNS* (optional): advertise and browse on the chosen interfaces.
 
 Every stream operation has a deadline; every handler catches everything and resets its
@@ -28,7 +29,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from . import _auth, _sync
-from ._adverts import Advert, advert_from_wire
+from ._adverts import Advert, advert_from_wire, capacity_changed
 from ._errors import AuthError, MeshError, WireError
 from ._host import open_host, parse_multiaddrs
 from ._interfaces import advertised_addrs, select_interfaces
@@ -41,10 +42,11 @@ from ._wire import read_message, write_message
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 1.0
-ADVERT_REFRESH_S = 2.0
+HEARTBEAT_S = 2.0  # membership exchange with each member; also the RTT probe
+CAPACITY_PROBE_S = 2.0  # re-read local capacity; a material change is advertised at once
+ADVERT_MAX_AGE_S = 30.0  # re-advertise at least this often even if nothing moved
 EXCHANGE_TIMEOUT_S = 3.0
-SILENT_S = 6.0
+SILENT_S = 7.0  # evict a member not heard from directly for this long
 AUTH_GRACE_S = 5.0
 DIAL_TIMEOUT_S = 5.0
 DISCONNECT_TIMEOUT_S = 2.0
@@ -108,8 +110,8 @@ class Mesh:
 
     # ---- own advert -------------------------------------------------------------
 
-    def _make_advert(self) -> Advert:
-        capacity, fragments = self._local_state()
+    def _make_advert(self, state: tuple[dict[str, Any], list[str]] | None = None) -> Advert:
+        capacity, fragments = state or self._local_state()
         self._seq += 1
         return Advert(
             peer_id=self.peer_id,
@@ -126,9 +128,18 @@ class Mesh:
         self.membership.set_own(self._make_advert(), trio.current_time())
 
     async def _refresh_loop(self) -> None:
+        advertised_at = trio.current_time()
         while True:
-            await trio.sleep(ADVERT_REFRESH_S)
-            self.refresh()
+            await trio.sleep(CAPACITY_PROBE_S)
+            capacity, fragments = state = self._local_state()
+            own = self.membership.own
+            if (
+                tuple(fragments) != own.fragments
+                or capacity_changed(own.capacity, capacity)
+                or trio.current_time() - advertised_at >= ADVERT_MAX_AGE_S
+            ):
+                self.membership.set_own(self._make_advert(state), trio.current_time())
+                advertised_at = trio.current_time()
 
     # ---- what callers see -----------------------------------------------------
 

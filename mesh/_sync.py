@@ -1,6 +1,7 @@
 """The membership exchange between two authenticated members.
 
-One message shape both ways: ``{"digest": {peer_id: [incarnation, seq]}, "adverts": [...]}``.
+Both members of a pair run this every HEARTBEAT_S over their own stream. One message
+shape both ways: ``{"digest": {peer_id: [incarnation, seq]}, "adverts": [...]}``.
 Each side sends the adverts the other's last digest lacks, so after one round both know
 everything either knew (peer exchange), and later rounds carry only what changed. The
 round trip doubles as the heartbeat: its time is the RTT, its failure is a silent peer.

@@ -1,11 +1,8 @@
 """Shared fixtures: real node processes on loopback, real models from pip packages."""
 
 import importlib.util
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from salala.models import builtin_models
-from salala.node import Client, NodeNotRunningError, connect
+from salala.node import Client, connect
+from salala.node._launch import spawn_node, wait_ready
 
-SALALA = str(Path(sys.executable).parent / "salala")
 START_TIMEOUT_S = 60.0
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -65,47 +62,22 @@ class NodeProcess:
 
 
 def start_node(
-    data_dir: Path, *extra: str, prefix: tuple[str, ...] = (), listen: str = LOOPBACK
+    data_dir: Path,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+    listen: str = LOOPBACK,
+    mdns: bool = False,
 ) -> NodeProcess:
     """A real node process; returns once its API answers.
 
-    mDNS stays off unless ``extra`` names an interface: tests never multicast on the
-    machine's real network.
+    mDNS is off unless asked for, and then only run inside a test's own network
+    namespace (``prefix``): tests never multicast on the machine's real network.
     """
-    mdns = () if "--interface" in extra else ("--no-mdns",)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / "node.log").open("ab") as log:  # the child keeps its own copy
-        process = subprocess.Popen(
-            [
-                *prefix,
-                SALALA,
-                "node",
-                "start",
-                "--data-dir",
-                str(data_dir),
-                "--listen",
-                listen,
-                *mdns,
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    node = NodeProcess(data_dir, process)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"node exited with {process.returncode}:\n{node.log()}")
-        try:
-            with node.client() as client:
-                client.status()
-            return node
-        except NodeNotRunningError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.1)
+    assert not mdns or prefix[:3] == ("ip", "netns", "exec"), "mDNS only inside a test namespace"
+    mdns_flag = () if mdns else ("--no-mdns",)
+    process = spawn_node(data_dir, ["--listen", listen, *mdns_flag, *extra], list(prefix))
+    wait_ready(data_dir, process, START_TIMEOUT_S)
+    return NodeProcess(data_dir, process)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SALALA, NodeProcess, minilm_inputs, minilm_path
+from conftest import NodeProcess, minilm_inputs, minilm_path
+from salala.node._launch import SALALA
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,6 +22,7 @@ from mesh_helpers import identity, mesh_of, peer_ids, wait_until
 from salala.mesh import AuthError, MeshKey, WireError, _auth, _sync
 from salala.mesh._host import open_host
 from salala.mesh._wire import read_message, write_message
+from salala.node._launch import SALALA
 
 pytestmark = pytest.mark.slow
 
@@ -222,8 +223,6 @@ def test_the_cli_shows_the_mesh(tmp_path: Path) -> None:
         nodes.append(joiner)
         ids.add(identity(joiner)[0])
         wait_until(lambda: everyone_sees(nodes, ids), 10, "a node joining by invite")
-        from conftest import SALALA
-
         command = [
             SALALA,
             "mesh",

@@ -24,6 +24,7 @@ from salala.node import (
     connect,
     connect_async,
 )
+from salala.node._launch import SALALA
 from salala.node._protocol import HEADER, pack_frame
 
 pytestmark = pytest.mark.slow
@@ -238,7 +239,7 @@ def test_identity_persists_and_a_second_node_on_the_same_dir_is_refused(tmp_path
         peer_id = client.status()["peer_id"]
     second = subprocess.run(
         [
-            str(Path(sys.executable).parent / "salala"),
+            SALALA,
             "node",
             "start",
             "--data-dir",
