@@ -92,7 +92,10 @@ def _one_size(root: Path, size: int) -> dict[str, Any]:
             "listed_p50_ms": listed["p50_ms"],
             "listed_p95_ms": listed["p95_ms"],
             "after_ready_p50_ms": round(
-                statistics.median(l - r for l, r in zip(listed_ms, ready_ms, strict=True)), 1
+                statistics.median(
+                    seen - ready for seen, ready in zip(listed_ms, ready_ms, strict=True)
+                ),
+                1,
             ),
             "idle_cpu_pct_mean": round(statistics.mean(cpu), 2),
             "idle_cpu_pct_max": round(max(cpu), 2),

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from ._interfaces import Interface
+from ._interfaces import Interface, InterfaceError
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,11 @@ async def run_mdns(
     addrs: list[str],
     interfaces: list[Interface],
     found: Callable[[str, list[str]], None],
+    lost: Callable[[str], None],
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Advertise this node and call ``found(peer_id, addrs)`` for each peer resolved."""
+    """Advertise this node; call ``found(peer_id, addrs)`` per peer resolved, ``lost(peer_id)``
+    when its record goes away."""
     ips = [ip for interface in interfaces for ip in interface.ipv4]
     if not ips:
         log.warning("mDNS is off: no usable interface (choose one with --interface)")
@@ -68,19 +70,24 @@ async def run_mdns(
         properties=_txt(peer_id, addrs),
         server=f"salala-{peer_id[-12:].lower()}.local.",
     )
-    zc = await trio.to_thread.run_sync(
-        lambda: Zeroconf(interfaces=ips, ip_version=IPVersion.V4Only)
-    )
-    names_send, names_receive = trio.open_memory_channel[str](_QUEUE)
+    try:
+        zc = await trio.to_thread.run_sync(
+            lambda: Zeroconf(interfaces=ips, ip_version=IPVersion.V4Only)
+        )
+    except OSError as exc:
+        names = ", ".join(i.name for i in interfaces)
+        raise InterfaceError(
+            f"mDNS cannot use {names}: {exc} (choose another --interface)"
+        ) from exc
+    names_send, names_receive = trio.open_memory_channel[tuple[str, bool]](_QUEUE)
     token = trio.lowlevel.current_trio_token()
 
     def on_change(
         zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        if state_change is ServiceStateChange.Removed:
-            return  # liveness is membership's job, not mDNS's
+        removed = state_change is ServiceStateChange.Removed
         try:
-            trio.from_thread.run_sync(names_send.send_nowait, name, trio_token=token)
+            trio.from_thread.run_sync(names_send.send_nowait, (name, removed), trio_token=token)
         except (trio.WouldBlock, trio.RunFinishedError):
             pass  # a full queue drops a name; the browser asks again later
 
@@ -90,7 +97,10 @@ async def run_mdns(
         browser = ServiceBrowser(zc, kind, handlers=[on_change])
         log.info("mDNS on %s as %s", ", ".join(i.name for i in interfaces), kind)
         task_status.started()
-        async for name in names_receive:
+        async for name, removed in names_receive:
+            if removed:  # stop dialing it; whether it is alive is membership's call
+                lost(name.removesuffix(f".{kind}"))
+                continue
             resolved = await trio.to_thread.run_sync(
                 lambda name=name: zc.get_service_info(kind, name, RESOLVE_TIMEOUT_MS)
             )

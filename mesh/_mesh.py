@@ -32,7 +32,7 @@ from . import _auth, _sync
 from ._adverts import Advert, advert_from_wire, capacity_changed
 from ._errors import AuthError, MeshError, WireError
 from ._host import open_host, parse_multiaddrs
-from ._interfaces import advertised_addrs, select_interfaces
+from ._interfaces import Interface, advertised_addrs, select_interfaces
 from ._invite import make_invite
 from ._mdns import run_mdns
 from ._membership import Change, Membership
@@ -74,23 +74,36 @@ def _peer_of(addr: str) -> str:
     return parts[parts.index("p2p") + 1]
 
 
+def bootstrap_targets(peers: list[str]) -> dict[str, list[str]]:
+    """``--peer`` addresses by peer id; raises MeshError for one without /p2p/."""
+    targets: dict[str, list[str]] = {}
+    for addr in peers:
+        parse_multiaddrs([addr], "peer address")
+        targets.setdefault(_peer_of(addr), []).append(addr)
+    return targets
+
+
 class Mesh:
     def __init__(
-        self, host: IHost, key_pair: KeyPair, config: MeshConfig, local_state: LocalState
+        self,
+        host: IHost,
+        key_pair: KeyPair,
+        config: MeshConfig,
+        local_state: LocalState,
+        interfaces: list[Interface],
+        targets: dict[str, list[str]],
     ) -> None:
         self._host = host
         self._key_pair = key_pair
         self.config = config
         self._local_state = local_state
         self.peer_id = host.get_id().to_base58()
-        self.interfaces = select_interfaces(config.interfaces)
+        self.interfaces = interfaces
         self.addrs = advertised_addrs(
             [str(a) for a in host.get_addrs()], self.peer_id, self.interfaces
         )
-        self._targets: dict[str, list[str]] = {}  # bootstrap and mDNS finds: peer -> addrs
-        for addr in config.peers:
-            self._targets.setdefault(_peer_of(addr), []).append(addr)
-        self._targets.pop(self.peer_id, None)
+        self._targets = {p: a for p, a in targets.items() if p != self.peer_id}  # peer -> addrs
+        self._mdns_found: set[str] = set()
         self._authenticated: set[str] = set()
         self._sessions: dict[str, trio.CancelScope] = {}
         self._retry_at: dict[str, float] = {}
@@ -206,7 +219,13 @@ class Mesh:
     def found_by_mdns(self, peer_id: str, addrs: list[str]) -> None:
         if peer_id != self.peer_id and self._targets.get(peer_id) != addrs:
             self._targets[peer_id] = addrs
+            self._mdns_found.add(peer_id)
             self._learn_addrs(peer_id, addrs)
+
+    def lost_by_mdns(self, peer_id: str) -> None:
+        if peer_id in self._mdns_found:  # bootstrap peers stay targets
+            self._mdns_found.discard(peer_id)
+            self._targets.pop(peer_id, None)
 
     # ---- inbound streams ------------------------------------------------------
 
@@ -375,6 +394,7 @@ class Mesh:
                         addrs=self.addrs,
                         interfaces=self.interfaces,
                         found=self.found_by_mdns,
+                        lost=self.lost_by_mdns,
                         task_status=task_status,
                     )
                 )
@@ -387,8 +407,10 @@ async def open_mesh(
     key_pair: KeyPair, config: MeshConfig, local_state: LocalState
 ) -> AsyncIterator[Mesh]:
     """Start this node's host and mesh membership; both stop when the block exits."""
+    interfaces = select_interfaces(config.interfaces)  # settings errors surface before
+    targets = bootstrap_targets(config.peers)  # anything starts, as plain MeshErrors
     async with open_host(key_pair, config.listen) as host, trio.open_nursery() as nursery:
-        mesh = Mesh(host, key_pair, config, local_state)
+        mesh = Mesh(host, key_pair, config, local_state, interfaces, targets)
         await nursery.start(mesh.run)
         try:
             yield mesh

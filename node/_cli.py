@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport there
+    from exceptiongroup import BaseExceptionGroup
+
 from ._client import connect
 from ._errors import ConfigError, NodeNotRunningError, SalalaError
 from ._paths import resolve_data_dir
@@ -38,6 +41,14 @@ DataDirOption = Annotated[
     typer.Option("--data-dir", help="Node state folder [default: $SALALA_HOME or user data dir]"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 def _print_json(data: Any) -> None:
@@ -117,6 +128,11 @@ def node_start(
         trio.run(run_node, config)
     except MeshError as exc:  # bad listen address, interface or peer address
         raise ConfigError(str(exc)) from exc
+    except BaseExceptionGroup as group:  # the same, raised by a task that was starting
+        refusals, others = group.split(MeshError)
+        if refusals is None or others is not None:
+            raise
+        raise ConfigError("; ".join(str(e) for e in _leaves(refusals))) from group
 
 
 @node_app.command("status")

@@ -134,3 +134,31 @@ def test_make_run_prints_results_for_real_text(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cosine similarity" in done.stdout and "node stopping" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--peer", "/ip4/127.0.0.1/tcp/1"], "needs a /p2p/<peer id> part"),
+        (["--peer", "/ip4/127.0.0.1/tcp/1/p2p/notanid"], "invalid peer address"),
+        (
+            ["--interface", "nope0", "--listen", "/ip4/127.0.0.1/tcp/0"],
+            "no usable IPv4 interface named",
+        ),
+        (["--listen", "/ip9/x"], "invalid listen address"),
+        (["--join", "salala://join?x=1"], "--join: the join URI has no mesh key"),
+        (["--mesh-key", "hunter2"], "mesh key"),
+    ],
+)
+def test_bad_start_settings_are_one_clear_line(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = subprocess.run(
+        [SALALA, "node", "start", "--data-dir", str(tmp_path), "--no-mdns", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr

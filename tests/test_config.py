@@ -1,0 +1,65 @@
+"""Node settings: config.toml, the remembered mesh key, and their errors."""
+
+import stat
+from pathlib import Path
+
+import pytest
+from salala.mesh import MeshKey
+from salala.node import ConfigError
+from salala.node._config import FileConfig, load_file_config, resolve_mesh_key
+from salala.node._paths import DataDir
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> DataDir:
+    return DataDir(tmp_path)
+
+
+def test_no_config_file_means_defaults(data_dir: DataDir) -> None:
+    assert load_file_config(data_dir) == FileConfig()
+
+
+def test_config_file_settings_are_read(data_dir: DataDir) -> None:
+    key = MeshKey.generate()
+    (data_dir.root / "config.toml").write_text(
+        f'mesh_key = "{key}"\n'
+        'listen = ["/ip4/0.0.0.0/tcp/4001"]\ninterfaces = ["wlan0"]\nmdns = false\n'
+    )
+    config = load_file_config(data_dir)
+    assert config.listen == ["/ip4/0.0.0.0/tcp/4001"] and config.interfaces == ["wlan0"]
+    assert config.mdns is False
+    assert resolve_mesh_key(data_dir, None, config.mesh_key) == key
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mesh_kee = 'x'\n", "unknown setting 'mesh_kee'"),
+        ("listen = '/ip4/0.0.0.0/tcp/1'\n", "'listen' must be a list of strings"),
+        ("peers = [1, 2]\n", "'peers' must be a list of strings"),
+        ("mdns = 'yes'\n", "'mdns' must be a bool"),
+        ("this is not toml", "config.toml"),
+    ],
+)
+def test_bad_config_files_name_the_setting(data_dir: DataDir, text: str, message: str) -> None:
+    (data_dir.root / "config.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_file_config(data_dir)
+
+
+def test_a_node_without_a_key_starts_its_own_mesh_and_keeps_it(data_dir: DataDir) -> None:
+    first = resolve_mesh_key(data_dir, None, None)
+    assert resolve_mesh_key(data_dir, None, None) == first
+    assert stat.S_IMODE((data_dir.root / "mesh.key").stat().st_mode) == 0o600
+
+
+def test_a_given_key_is_remembered(data_dir: DataDir) -> None:
+    resolve_mesh_key(data_dir, None, None)
+    joined = MeshKey.generate()
+    assert resolve_mesh_key(data_dir, str(joined), None) == joined
+    assert resolve_mesh_key(data_dir, None, None) == joined
+
+
+def test_a_malformed_key_is_a_config_error(data_dir: DataDir) -> None:
+    with pytest.raises(ConfigError, match="mesh key"):
+        resolve_mesh_key(data_dir, "password123", None)
