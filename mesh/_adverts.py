@@ -18,7 +18,31 @@ from ._errors import WireError
 VERSION = 1
 MAX_ADDRS = 16
 MAX_FRAGMENTS = 4096
-_FIELDS = {"v", "peer_id", "incarnation", "seq", "name", "addrs", "capacity", "fragments", "sig"}
+_FIELDS = {
+    "v",
+    "peer_id",
+    "incarnation",
+    "seq",
+    "name",
+    "addrs",
+    "capacity",
+    "fragments",
+    "serving",
+    "sig",
+}
+# One stage of a deployment that the member hosts (see _serving.ServingEntry).
+_SERVING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "deployment": str,
+    "created": int,
+    "model": str,
+    "stage": int,
+    "stages": int,
+    "fragment": str,
+    "codec": str,
+    "inputs": list,
+    "outputs": list,
+}
+MAX_SERVING = 256
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -43,6 +67,7 @@ class Advert:
     addrs: tuple[str, ...]
     capacity: dict[str, Any]
     fragments: tuple[str, ...]
+    serving: tuple[dict[str, Any], ...] = ()
     sig: bytes = b""
 
     @property
@@ -64,6 +89,7 @@ class Advert:
         wire["v"] = VERSION
         wire["addrs"] = list(self.addrs)
         wire["fragments"] = list(self.fragments)
+        wire["serving"] = list(self.serving)
         return wire
 
 
@@ -84,6 +110,23 @@ def _capacity(value: Any) -> dict[str, Any]:
     if not all(isinstance(p, str) for p in value["providers"]):
         raise WireError("advert capacity.providers must be strings")
     return value
+
+
+def check_serving(value: Any) -> tuple[dict[str, Any], ...]:
+    _check(value, list, "serving")
+    if len(value) > MAX_SERVING:
+        raise WireError(f"an advert lists at most {MAX_SERVING} served stages")
+    for entry in value:
+        _check(entry, dict, "serving entry")
+        if set(entry) != set(_SERVING_FIELDS):
+            raise WireError(
+                f"serving entry fields differ: {sorted(set(entry) ^ set(_SERVING_FIELDS))}"
+            )
+        for name, kind in _SERVING_FIELDS.items():
+            _check(entry[name], kind, f"serving.{name}")
+        if not all(isinstance(n, str) for n in [*entry["inputs"], *entry["outputs"]]):
+            raise WireError("serving inputs and outputs must be tensor names")
+    return tuple(value)
 
 
 def advert_from_wire(wire: Any) -> Advert:
@@ -107,6 +150,7 @@ def advert_from_wire(wire: Any) -> Advert:
         addrs=tuple(addrs),
         capacity=_capacity(wire["capacity"]),
         fragments=tuple(fragments),
+        serving=check_serving(wire["serving"]),
         sig=_check(wire["sig"], bytes, "sig"),
     )
     try:

@@ -17,7 +17,7 @@ stream, so no peer can take the host down.
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
@@ -54,7 +55,17 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 8.0
 MAINTAIN_S = 0.5
 
-LocalState = Callable[[], tuple[dict[str, Any], list[str]]]
+
+@dataclass(frozen=True)
+class LocalState:
+    """What this node advertises about itself right now."""
+
+    capacity: dict[str, Any]
+    fragments: list[str]
+    serving: list[dict[str, Any]] = field(default_factory=list)
+
+
+LocalStateReader = Callable[[], LocalState]
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ class Mesh:
         host: IHost,
         key_pair: KeyPair,
         config: MeshConfig,
-        local_state: LocalState,
+        local_state: LocalStateReader,
         interfaces: list[Interface],
         targets: dict[str, list[str]],
     ) -> None:
@@ -123,8 +134,8 @@ class Mesh:
 
     # ---- own advert -------------------------------------------------------------
 
-    def _make_advert(self, state: tuple[dict[str, Any], list[str]] | None = None) -> Advert:
-        capacity, fragments = state or self._local_state()
+    def _make_advert(self, state: LocalState | None = None) -> Advert:
+        state = state or self._local_state()
         self._seq += 1
         return Advert(
             peer_id=self.peer_id,
@@ -132,8 +143,9 @@ class Mesh:
             seq=self._seq,
             name=self.config.name[:64],
             addrs=tuple(self.addrs),
-            capacity=capacity,
-            fragments=tuple(fragments),
+            capacity=state.capacity,
+            fragments=tuple(state.fragments),
+            serving=tuple(state.serving),
         ).signed(self._key_pair.private_key)
 
     def refresh(self) -> None:
@@ -144,11 +156,12 @@ class Mesh:
         advertised_at = trio.current_time()
         while True:
             await trio.sleep(CAPACITY_PROBE_S)
-            capacity, fragments = state = self._local_state()
+            state = self._local_state()
             own = self.membership.own
             if (
-                tuple(fragments) != own.fragments
-                or capacity_changed(own.capacity, capacity)
+                tuple(state.fragments) != own.fragments
+                or tuple(state.serving) != own.serving
+                or capacity_changed(own.capacity, state.capacity)
                 or trio.current_time() - advertised_at >= ADVERT_MAX_AGE_S
             ):
                 self.membership.set_own(self._make_advert(state), trio.current_time())
@@ -172,6 +185,7 @@ class Mesh:
                     "addrs": list(advert.addrs),
                     "capacity": advert.capacity,
                     "fragments": list(advert.fragments),
+                    "serving": list(advert.serving),
                     "incarnation": advert.incarnation,
                     "seq": advert.seq,
                     "rtt_ms": member.rtt_ms,
@@ -179,6 +193,38 @@ class Mesh:
                 }
             )
         return sorted(rows, key=lambda r: (not r["self"], r["name"], r["peer_id"]))
+
+    # ---- for the services built on the mesh ---------------------------------------
+
+    def handle(
+        self, protocol: TProtocol, handler: Callable[[str, INetStream], Awaitable[None]]
+    ) -> None:
+        """Serve ``protocol`` to members only; ``handler(peer_id, stream)`` may raise freely."""
+
+        async def members_only(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id.to_base58()
+            if peer not in self._authenticated:
+                await self._reset(stream)
+                return
+            await handler(peer, stream)
+
+        members_only.__name__ = f"handle {protocol}"
+        self._host.set_stream_handler(protocol, self._guarded(members_only))
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol) -> INetStream:
+        """A new stream to a member (within DIAL_TIMEOUT_S); raises MeshError otherwise."""
+        if peer_id not in self._authenticated:
+            raise MeshError(f"peer {short_id(peer_id)} is not a connected member")
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                return await self._host.new_stream(ID.from_base58(peer_id), [protocol])
+        except Exception as exc:  # libp2p's stream failures, timeouts
+            raise MeshError(f"cannot open {protocol} to {short_id(peer_id)}: {exc}") from exc
+
+    def is_live(self, peer_id: str) -> bool:
+        return peer_id == self.peer_id or (
+            peer_id in self.membership and peer_id in self._authenticated
+        )
 
     # ---- adverts from others --------------------------------------------------
 
@@ -404,7 +450,7 @@ class Mesh:
 
 @asynccontextmanager
 async def open_mesh(
-    key_pair: KeyPair, config: MeshConfig, local_state: LocalState
+    key_pair: KeyPair, config: MeshConfig, local_state: LocalStateReader
 ) -> AsyncIterator[Mesh]:
     """Start this node's host and mesh membership; both stop when the block exits."""
     interfaces = select_interfaces(config.interfaces)  # settings errors surface before

@@ -10,7 +10,12 @@ from ._fragments import Fragment as Fragment
 from ._fragments import SplitPlan as SplitPlan
 from ._fragments import held_fragments as held_fragments
 from ._fragments import split_stored as split_stored
+from ._fragments import split_stored_at as split_stored_at
+from ._split import Cut as Cut
+from ._split import CutAnalysis as CutAnalysis
+from ._split import analyze as analyze
 from ._split import split_graph as split_graph
+from ._store import MODEL_FILE as MODEL_FILE
 from ._store import ModelStore as ModelStore
 from ._store import StoredModel as StoredModel
 from ._text import TokenizerMissingError as TokenizerMissingError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from ._split import split_graph
+from ._split import Cut, CutAnalysis, FragmentGraph, analyze, balanced_cuts, extract_fragments
 from ._store import ModelStore, StoredModel
 
 
@@ -38,21 +38,20 @@ class SplitPlan:
         return asdict(self)
 
 
-def _plan_file(store: ModelStore, sha256: str, parts: int) -> Path:
-    return store.root / "splits" / f"{sha256}-{parts}.json"
-
-
-def split_stored(store: ModelStore, model: StoredModel, parts: int) -> SplitPlan:
-    """Split ``model`` into ``parts`` fragments stored as objects (cached by hash)."""
-    plan_file = _plan_file(store, model.sha256, parts)
+def _load_plan(plan_file: Path, model: StoredModel) -> SplitPlan | None:
     try:
         cached = json.loads(plan_file.read_text())
         fragments = [Fragment(**f) for f in cached["fragments"]]
-        if all(Path(f.path).is_file() for f in fragments):
-            return SplitPlan(model.name, model.sha256, parts, fragments)
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # no usable cache: split again
-    graphs = split_graph(onnx.load(str(model.path)), parts)
+        return None  # no usable cache: split again
+    if not all(Path(f.path).is_file() for f in fragments):
+        return None
+    return SplitPlan(model.name, model.sha256, len(fragments), fragments)
+
+
+def _store_plan(
+    store: ModelStore, model: StoredModel, plan_file: Path, graphs: list[FragmentGraph]
+) -> SplitPlan:
     fragments = []
     with tempfile.TemporaryDirectory(prefix=".split-", dir=store.root) as tmp:
         for graph in graphs:
@@ -70,12 +69,36 @@ def split_stored(store: ModelStore, model: StoredModel, parts: int) -> SplitPlan
                     flops=graph.flops,
                 )
             )
-    plan = SplitPlan(model.name, model.sha256, parts, fragments)
+    plan = SplitPlan(model.name, model.sha256, len(fragments), fragments)
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = plan_file.with_suffix(".tmp")
     tmp_file.write_text(json.dumps(plan.to_dict(), indent=1))
     tmp_file.replace(plan_file)
     return plan
+
+
+def split_stored(store: ModelStore, model: StoredModel, parts: int) -> SplitPlan:
+    """Split ``model`` into ``parts`` balanced fragments stored as objects (cached)."""
+    plan_file = store.root / "splits" / f"{model.sha256}-{parts}.json"
+    cached = _load_plan(plan_file, model)
+    if cached is not None:
+        return cached
+    analysis = analyze(onnx.load(str(model.path)))
+    return _store_plan(
+        store, model, plan_file, extract_fragments(analysis, balanced_cuts(analysis, parts))
+    )
+
+
+def split_stored_at(
+    store: ModelStore, model: StoredModel, analysis: CutAnalysis, cuts: list[Cut]
+) -> SplitPlan:
+    """Split ``model`` at chosen cuts (from a placement plan), stored as objects (cached)."""
+    key = "-".join(str(c.position) for c in cuts) or "whole"
+    plan_file = store.root / "splits" / f"{model.sha256}-at-{key}.json"
+    cached = _load_plan(plan_file, model)
+    if cached is not None:
+        return cached
+    return _store_plan(store, model, plan_file, extract_fragments(analysis, cuts))
 
 
 def held_fragments(store: ModelStore) -> list[str]:

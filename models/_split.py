@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import shape_inference
+from onnx import helper, shape_inference
 from onnx.utils import Extractor
 
 from ._cost import node_flops
@@ -148,40 +148,97 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def split_graph(model: onnx.ModelProto, parts: int) -> list[FragmentGraph]:
-    """Cut a loaded model into ``parts`` fragments that, chained, compute the model.
+@dataclass(frozen=True)
+class CutAnalysis:
+    """Where a model can be cut and what each stretch between cuts costs.
 
-    Run on the original graph, before any onnxruntime optimisation: fused contrib ops
-    cannot be extracted.
+    ``flops_before[i]`` and ``weights_before[i]`` are totals over nodes before position
+    ``i``; ``cut_bytes`` is the size of each cut's activation under reference dims.
     """
-    if parts < 1:
-        raise SplitError(f"parts must be at least 1, not {parts}")
+
+    inferred: onnx.ModelProto
+    cuts: list[Cut]
+    flops_before: np.ndarray
+    weights_before: np.ndarray
+    cut_bytes: dict[int, int]
+
+    @property
+    def nodes(self) -> int:
+        return len(self.inferred.graph.node)
+
+
+def _first_use_weights(graph: onnx.GraphProto) -> np.ndarray:
+    sizes = {t.name: tensor_bytes(t) for t in graph.initializer}
+    seen: set[str] = set()
+    per_node = []
+    for node in graph.node:
+        fresh = [name for name in node_inputs(node) if name in sizes and name not in seen]
+        seen.update(fresh)
+        per_node.append(sum(sizes[name] for name in fresh))
+    return np.concatenate([[0.0], np.cumsum(per_node)])
+
+
+def analyze(model: onnx.ModelProto) -> CutAnalysis:
+    """Find the cut points and costs (run on the original graph, before any optimisation:
+    fused contrib ops cannot be extracted)."""
     inferred = shape_inference.infer_shapes(model)
     reference = shape_inference.infer_shapes(with_reference_dims(model), data_prop=True)
     reference_shapes = known_shapes(reference)
     costs = np.array([node_flops(n, reference_shapes) for n in reference.graph.node], dtype=float)
-    prefix = np.concatenate([[0.0], np.cumsum(costs)])
-
     cuts = find_cuts(inferred)
-    if len(cuts) < parts - 1:
-        raise SplitError(
-            f"the model has {len(cuts)} single-activation cut points, "
-            f"too few for {parts} fragments (at most {len(cuts) + 1})"
-        )
-    chosen = _balanced(prefix, cuts, parts) if parts > 1 else []
+    itemsize = {
+        info.name: helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).itemsize
+        for info in inferred.graph.value_info
+        if info.type.tensor_type.elem_type
+    }
+    cut_bytes = {
+        cut.position: math.prod(d or 1 for d in reference_shapes.get(cut.tensor, ()))
+        * itemsize.get(cut.tensor, 4)
+        for cut in cuts
+    }
+    return CutAnalysis(
+        inferred=inferred,
+        cuts=cuts,
+        flops_before=np.concatenate([[0.0], np.cumsum(costs)]),
+        weights_before=_first_use_weights(inferred.graph),
+        cut_bytes=cut_bytes,
+    )
 
+
+def balanced_cuts(analysis: CutAnalysis, parts: int) -> list[Cut]:
+    """The parts-1 cuts that minimise the costliest fragment on equal devices."""
+    if parts < 1:
+        raise SplitError(f"parts must be at least 1, not {parts}")
+    if len(analysis.cuts) < parts - 1:
+        raise SplitError(
+            f"the model has {len(analysis.cuts)} single-activation cut points, "
+            f"too few for {parts} fragments (at most {len(analysis.cuts) + 1})"
+        )
+    return _balanced(analysis.flops_before, analysis.cuts, parts) if parts > 1 else []
+
+
+def extract_fragments(analysis: CutAnalysis, chosen: list[Cut]) -> list[FragmentGraph]:
+    """Cut the model at ``chosen`` (valid cuts, in order) into fragments."""
+    inferred = analysis.inferred
+    valid = {c.position: c for c in analysis.cuts}
+    if (
+        any(valid.get(c.position) != c for c in chosen)
+        or sorted(chosen, key=lambda c: c.position) != chosen
+    ):
+        raise SplitError("cuts must be this model's single-activation cut points, in order")
+    prefix = analysis.flops_before
     graph_inputs = [i.name for i in inferred.graph.input]
     initializers = {t.name for t in inferred.graph.initializer}
     graph_inputs = [name for name in graph_inputs if name not in initializers]
     graph_outputs = [o.name for o in inferred.graph.output]
     extractor = Extractor(inferred)
-    bounds = [0] + [c.position for c in chosen] + [len(inferred.graph.node)]
+    bounds = [0] + [c.position for c in chosen] + [analysis.nodes]
     # What each fragment receives from upstream (beyond graph inputs) and passes on.
     received: list[list[str]] = [[]] + [[c.tensor] for c in chosen]
     passed: list[list[str]] = [[c.tensor] for c in chosen] + [graph_outputs]
 
     fragments = []
-    for index in range(parts):
+    for index in range(len(chosen) + 1):
         start, end = bounds[index], bounds[index + 1]
         outputs = passed[index]
         fragment = extractor.extract_model([*received[index], *graph_inputs], outputs)
@@ -197,3 +254,10 @@ def split_graph(model: onnx.ModelProto, parts: int) -> list[FragmentGraph]:
             )
         )
     return fragments
+
+
+def split_graph(model: onnx.ModelProto, parts: int) -> list[FragmentGraph]:
+    """Cut a loaded model into ``parts`` fragments of balanced cost that, chained,
+    compute the model."""
+    analysis = analyze(model)
+    return extract_fragments(analysis, balanced_cuts(analysis, parts))

@@ -10,6 +10,7 @@ from ._client import Client as Client
 from ._client import connect as connect
 from ._client import connect_async as connect_async
 from ._errors import BadRequestError as BadRequestError
+from ._errors import CannotDeployError as CannotDeployError
 from ._errors import CannotSplitError as CannotSplitError
 from ._errors import ConfigError as ConfigError
 from ._errors import InvalidInputError as InvalidInputError
@@ -18,6 +19,7 @@ from ._errors import NodeAlreadyRunningError as NodeAlreadyRunningError
 from ._errors import NodeDisconnectedError as NodeDisconnectedError
 from ._errors import NodeError as NodeError
 from ._errors import NodeNotRunningError as NodeNotRunningError
+from ._errors import NoRouteError as NoRouteError
 from ._errors import RequestError as RequestError
 from ._errors import SalalaError as SalalaError
 from ._errors import UnknownModelError as UnknownModelError

@@ -22,17 +22,25 @@ class Call(Generic[T]):
     method: str
     params: dict[str, Any]
     read: Callable[[Any], T]
+    on_progress: Callable[[dict[str, Any]], None] | None = None
 
     def request(self, request_id: int) -> bytes:
         return pack_frame({"id": request_id, "method": self.method, "params": self.params})
 
-    def reply(self, request_id: int, body: bytes) -> T:
-        """The call's result, or the node's refusal raised as the matching error."""
+    def reply(self, request_id: int, body: bytes) -> tuple[bool, T | None]:
+        """(True, result) for the final reply; (False, None) for a progress report.
+
+        A refusal is raised as the matching error.
+        """
         message = unpack_body(body)
+        if "progress" in message:
+            if self.on_progress is not None:
+                self.on_progress(message["progress"])
+            return False, None
         if message.get("id") not in (request_id, None):
             raise NodeDisconnectedError("the node answered a different request")
         if message.get("ok"):
-            return self.read(message.get("result"))
+            return True, self.read(message.get("result"))
         error = message.get("error") or {}
         cls = ERRORS_BY_CODE.get(str(error.get("code")), NodeError)
         raise cls(error.get("message", "the node refused the request"))
@@ -65,6 +73,31 @@ def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Call[dict[str, np.nda
         {"model": model, "inputs": encode_tensors(inputs)},
         lambda result: decode_tensors(result["outputs"]),
     )
+
+
+def infer_traced(
+    model: str, inputs: Mapping[str, np.ndarray]
+) -> Call[tuple[dict[str, np.ndarray], list[dict[str, Any]]]]:
+    return Call(
+        "infer",
+        {"model": model, "inputs": encode_tensors(inputs)},
+        lambda result: (decode_tensors(result["outputs"]), result["route"]),
+    )
+
+
+def deploy(
+    model: str,
+    shards: int | None,
+    replicas: int,
+    codec: str,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> Call[dict[str, Any]]:
+    params = {"model": model, "shards": shards, "replicas": replicas, "codec": codec}
+    return Call("deploy", params, _same, on_progress)
+
+
+def deployments() -> Call[list[dict[str, Any]]]:
+    return Call("deployments", {}, _same)
 
 
 def peers() -> Call[list[dict[str, Any]]]:

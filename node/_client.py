@@ -12,7 +12,7 @@ Both build the same :mod:`._calls`; they differ only in how bytes move.
 import itertools
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,12 +67,14 @@ class Client:
                 self._socket.sendall(call.request(request_id))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node may have refused early (say, too large): read why below
-            length = frame_length(self._receive_exactly(HEADER.size), MAX_FRAME_LIMIT)
-            body = self._receive_exactly(length)
+            while True:
+                length = frame_length(self._receive_exactly(HEADER.size), MAX_FRAME_LIMIT)
+                final, result = call.reply(request_id, self._receive_exactly(length))
+                if final:
+                    return result  # type: ignore[return-value]
         except (OSError, NodeDisconnectedError) as exc:  # OSError includes socket.timeout
             self.close()
             raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
-        return call.reply(request_id, body)
 
     def status(self) -> dict[str, Any]:
         return self._call(calls.status())
@@ -96,6 +98,27 @@ class Client:
     def invite(self) -> dict[str, Any]:
         """A join URI for this mesh (it carries the mesh key: treat it as a secret)."""
         return self._call(calls.invite())
+
+    def infer_traced(
+        self, model: str, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """Outputs and the route: which peer ran each stage, and for how long."""
+        return self._call(calls.infer_traced(model, inputs))
+
+    def deploy(
+        self,
+        model: str,
+        shards: int | None = None,
+        replicas: int = 1,
+        codec: str = "raw",
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Place ``model`` across the mesh (``shards=None``: as many as pays off)."""
+        return self._call(calls.deploy(model, shards, replicas, codec, on_progress))
+
+    def deployments(self) -> list[dict[str, Any]]:
+        """Every deployment the mesh knows, with the live hosts of each stage."""
+        return self._call(calls.deployments())
 
     def shutdown(self) -> None:
         self._call(calls.shutdown())
@@ -137,8 +160,12 @@ class AsyncClient:
                         await self._stream.send_all(call.request(request_id))
                     except trio.BrokenResourceError:
                         pass  # the node may have refused early (say, too large): read why
-                    header = await self._receive_exactly(HEADER.size)
-                    body = await self._receive_exactly(frame_length(header, MAX_FRAME_LIMIT))
+                    while True:
+                        header = await self._receive_exactly(HEADER.size)
+                        body = await self._receive_exactly(frame_length(header, MAX_FRAME_LIMIT))
+                        final, result = call.reply(request_id, body)
+                        if final:
+                            return result  # type: ignore[return-value]
             except (
                 trio.BrokenResourceError,
                 trio.TooSlowError,
@@ -147,7 +174,6 @@ class AsyncClient:
             ) as exc:
                 await self._stream.aclose()
                 raise NodeDisconnectedError(f"lost the node during {call.method}: {exc!r}") from exc
-        return call.reply(request_id, body)
 
     async def status(self) -> dict[str, Any]:
         return await self._call(calls.status())
@@ -171,6 +197,24 @@ class AsyncClient:
 
     async def invite(self) -> dict[str, Any]:
         return await self._call(calls.invite())
+
+    async def infer_traced(
+        self, model: str, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        return await self._call(calls.infer_traced(model, inputs))
+
+    async def deploy(
+        self,
+        model: str,
+        shards: int | None = None,
+        replicas: int = 1,
+        codec: str = "raw",
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(calls.deploy(model, shards, replicas, codec, on_progress))
+
+    async def deployments(self) -> list[dict[str, Any]]:
+        return await self._call(calls.deployments())
 
     async def shutdown(self) -> None:
         await self._call(calls.shutdown())

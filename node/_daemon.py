@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .. import models, runtime
-from ..mesh import MeshConfig, MeshKey, open_mesh, short_id
+from ..mesh import Inference, LocalState, MeshConfig, MeshKey, open_inference, open_mesh, short_id
 from ._errors import NodeAlreadyRunningError
 from ._identity import load_or_create_identity
 from ._paths import DataDir
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+DEFAULT_MAX_TENSOR_BYTES = 256 << 20  # per inference frame between peers
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class NodeConfig:
     mdns: bool = True
     threads: int | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -86,8 +88,14 @@ async def run_node(
         runtime.cached_throughput, data_dir.throughput_cache, config.threads
     )
 
-    def local_state() -> tuple[dict[str, object], list[str]]:
-        return runtime.probe_capacity(throughput).to_dict(), models.held_fragments(store)
+    started: list[Inference] = []  # filled once the mesh is up; adverts read it
+
+    def local_state() -> LocalState:
+        serving = started[0].server.serving() if started else []
+        fragments = {*models.held_fragments(store), *(e["fragment"] for e in serving)}
+        return LocalState(runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving)
+
+    compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core
 
     mesh_config = MeshConfig(
         key=config.mesh_key,
@@ -98,10 +106,19 @@ async def run_node(
     )
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,
+        open_inference(mesh, store, config.threads, compute, config.max_tensor_bytes) as inference,
         trio.open_nursery() as nursery,
     ):
+        started.append(inference)
         service = NodeService(
-            data_dir=data_dir, store=store, mesh=mesh, throughput=throughput, threads=config.threads
+            data_dir=data_dir,
+            store=store,
+            mesh=mesh,
+            inference=inference,
+            throughput=throughput,
+            threads=config.threads,
+            compute=compute,
+            max_tensor_bytes=config.max_tensor_bytes,
         )
         nursery.start_soon(_stop_on_signal, service)
         await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)

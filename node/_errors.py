@@ -10,6 +10,8 @@
     │   ├── InvalidInputError     wrong input names, dtypes or shapes
     │   ├── InvalidModelError     the file is not a valid, self-contained ONNX model
     │   ├── CannotSplitError      too few cut points for the parts asked for
+    │   ├── CannotDeployError     no placement fits, or a stage found no host
+    │   ├── NoRouteError          a stage of the deployment has no live peer
     │   └── BadRequestError       a malformed or oversized request
     └── NodeError                 the node failed while serving the request
 
@@ -60,6 +62,14 @@ class CannotSplitError(RequestError, ValueError):
     code = "cannot_split"
 
 
+class CannotDeployError(RequestError):
+    code = "cannot_deploy"
+
+
+class NoRouteError(RequestError):
+    code = "no_route"
+
+
 class BadRequestError(RequestError, ValueError):
     code = "bad_request"
 
@@ -77,6 +87,8 @@ ERRORS_BY_CODE: dict[str, type[SalalaError]] = {
         InvalidInputError,
         InvalidModelError,
         CannotSplitError,
+        CannotDeployError,
+        NoRouteError,
         BadRequestError,
         NodeError,
     )

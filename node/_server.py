@@ -7,6 +7,7 @@ mid-request only ends its own connection. Every read and write has a deadline.
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def _error_reply(request_id: Any, error: SalalaError) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": str(error)}}
 
 
-async def _dispatch(service: NodeService, body: bytes) -> dict[str, Any]:
+async def _dispatch(
+    service: NodeService, body: bytes, progress: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
     request_id = None
     try:
         request = unpack_body(body)
@@ -54,7 +57,11 @@ async def _dispatch(service: NodeService, body: bytes) -> dict[str, Any]:
             raise BadRequestError(f"unknown method {method!r}; known: {sorted(service.methods)}")
         if not isinstance(params, dict):
             raise BadRequestError("params must be a map")
-        return {"id": request_id, "ok": True, "result": await handler(params)}
+        if method in service.reports_progress:
+            result = await handler(params, progress)
+        else:
+            result = await handler(params)
+        return {"id": request_id, "ok": True, "result": result}
     except SalalaError as exc:
         return _error_reply(request_id, exc)
     except Exception as exc:
@@ -63,6 +70,30 @@ async def _dispatch(service: NodeService, body: bytes) -> dict[str, Any]:
             log.exception("internal error serving a request")
             user_error = NodeError(f"internal error: {type(exc).__name__}: {exc}")
         return _error_reply(request_id, user_error)
+
+
+async def _dispatch_with_progress(
+    service: NodeService, body: bytes, stream: trio.SocketStream
+) -> dict[str, Any]:
+    """Run a request; progress events it reports are sent as frames meanwhile."""
+    send, receive = trio.open_memory_channel[dict[str, Any]](64)
+
+    def progress(event: dict[str, Any]) -> None:
+        try:
+            send.send_nowait(event)
+        except trio.WouldBlock:
+            pass  # a slow reader misses progress events, never the result
+
+    async def pump() -> None:
+        async for event in receive:
+            with trio.fail_after(TRANSFER_TIMEOUT_S):
+                await stream.send_all(pack_frame({"id": None, "progress": event}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump)
+        async with send:
+            reply = await _dispatch(service, body, progress)
+    return reply
 
 
 async def _serve_connection(service: NodeService, limit: int, stream: trio.SocketStream) -> None:
@@ -82,7 +113,7 @@ async def _serve_connection(service: NodeService, limit: int, stream: trio.Socke
                     return  # cannot skip an oversized body safely: close
                 with trio.fail_after(TRANSFER_TIMEOUT_S):
                     body = await _receive_exactly(stream, length)
-                reply = await _dispatch(service, bytes(body))
+                reply = await _dispatch_with_progress(service, bytes(body), stream)
                 with trio.fail_after(TRANSFER_TIMEOUT_S):
                     await stream.send_all(pack_frame(reply))
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):

@@ -12,12 +12,22 @@ from typing import Any
 import trio
 
 from .. import models, runtime
-from ..mesh import Mesh, short_id
+from ..mesh import (
+    DeployError,
+    Inference,
+    Mesh,
+    StageRefusal,
+    UnknownDeploymentError,
+    short_id,
+)
+from ..mesh import NoRouteError as NoMeshRouteError
 from ._errors import (
     BadRequestError,
+    CannotDeployError,
     CannotSplitError,
     InvalidInputError,
     InvalidModelError,
+    NoRouteError,
     SalalaError,
     UnknownModelError,
 )
@@ -25,6 +35,9 @@ from ._paths import DataDir
 from ._protocol import decode_tensors, encode_tensors
 
 _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
+    (UnknownDeploymentError, UnknownModelError),
+    (NoMeshRouteError, NoRouteError),
+    (DeployError, CannotDeployError),
     (models.UnknownModelError, UnknownModelError),
     (models.InvalidModelError, InvalidModelError),
     (models.SplitError, CannotSplitError),
@@ -35,6 +48,8 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
 
 def translate(exc: Exception) -> SalalaError | None:
     """The user-facing error for a lower layer's refusal, or None for a real fault."""
+    if isinstance(exc, StageRefusal):
+        return (InvalidInputError if exc.code == "invalid_input" else BadRequestError)(str(exc))
     for source, target in _TRANSLATIONS:
         if isinstance(exc, source):
             return target(str(exc))
@@ -57,27 +72,34 @@ class NodeService:
         data_dir: DataDir,
         store: models.ModelStore,
         mesh: Mesh,
+        inference: Inference,
         throughput: runtime.Throughput,
         threads: int | None,
+        compute: trio.CapacityLimiter,
+        max_tensor_bytes: int,
     ) -> None:
         self.data_dir = data_dir
         self.store = store
         self.mesh = mesh
+        self.inference = inference
+        self.max_tensor_bytes = max_tensor_bytes
         self.throughput = throughput
         self.threads = threads
         self.shutdown_requested = trio.Event()
         self._started = trio.current_time()
         self._sessions: dict[str, runtime.ModelSession] = {}
         self._loading = trio.Lock()
-        # One model run at a time: each session already uses every physical core.
-        self._compute = trio.CapacityLimiter(1)
-        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+        self._compute = compute
+        self.reports_progress = {"deploy"}
+        self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "status": self.status,
             "models": self.list_models,
             "add_model": self.add_model,
             "split_model": self.split_model,
             "infer": self.infer,
             "peers": self.peers,
+            "deploy": self.deploy,
+            "deployments": self.deployments,
             "invite": self.invite,
             "shutdown": self.shutdown,
         }
@@ -92,6 +114,7 @@ class NodeService:
             if self.mesh.config.mdns
             else [],
             "members": len(self.mesh.membership.members()),
+            "served": dict(self.inference.server.served),
             "pid": os.getpid(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self._started, 3),
@@ -132,12 +155,57 @@ class NodeService:
             return session
 
     async def infer(self, params: dict[str, Any]) -> dict[str, Any]:
-        stored = self.store.get(_param(params, "model", str))
+        name = _param(params, "model", str)
         inputs = decode_tensors(params.get("inputs"))
+        if name in self.inference.router.deployments():
+            size = sum(a.nbytes for a in inputs.values())
+            if size > self.max_tensor_bytes:
+                raise BadRequestError(
+                    f"tensors of {size} bytes exceed the limit of {self.max_tensor_bytes} "
+                    "(--max-tensor-mb)"
+                )
+            outputs, trace = await self.inference.router.infer(name, inputs)
+            route = [
+                {"stage": s, "peer": p, "short_id": short_id(p), "ms": ms} for s, p, ms in trace
+            ]
+            return {"outputs": encode_tensors(outputs), "route": route}
+        stored = self.store.get(name)
         session = await self._session(stored)
         session.check_inputs(inputs)  # refuse cheaply before waiting for a compute slot
         outputs = await trio.to_thread.run_sync(session.run, inputs, limiter=self._compute)
-        return {"outputs": encode_tensors(outputs)}
+        return {"outputs": encode_tensors(outputs), "route": []}
+
+    async def deploy(
+        self, params: dict[str, Any], progress: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        stored = self.store.get(_param(params, "model", str))
+        shards = params.get("shards")
+        if shards is not None and (
+            not isinstance(shards, int) or isinstance(shards, bool) or shards < 1
+        ):
+            raise BadRequestError(f"shards must be a positive number or 'auto', not {shards!r}")
+        replicas = _param(params, "replicas", int)
+        codec = _param(params, "codec", str)
+        return await self.inference.deployer.deploy(stored, shards, replicas, codec, progress)
+
+    async def deployments(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "model": model,
+                "deployment": d.entries[0].deployment,
+                "codec": d.entries[0].codec,
+                "stages": [
+                    {
+                        "stage": e.stage,
+                        "fragment": e.fragment,
+                        "hosts": hosts,
+                        "short_ids": [short_id(h) for h in hosts],
+                    }
+                    for e, hosts in zip(d.entries, d.hosts, strict=True)
+                ],
+            }
+            for model, d in sorted(self.inference.router.deployments().items())
+        ]
 
     async def peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         return self.mesh.peers()

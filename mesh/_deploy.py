@@ -1,0 +1,217 @@
+"""Deploying a model over the mesh: plan, cut, hand each stage to its peers, wait.
+
+The deploying node plans from the adverts it holds (measured GFLOP/s, free memory, RTT),
+cuts the model at the planned points into fragments in its own store, then asks every
+chosen peer over ``/salala/deploy/1.0.0`` to host its stage. A host fetches the fragment
+by hash from the deployer, loads it, warms it up and advertises it; it reports transfer
+progress as it goes. The deploy returns once the deployer sees every stage advertised.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from ..models import CutAnalysis, ModelStore, StoredModel, analyze, split_stored_at
+from ._adverts import check_serving
+from ._codecs import CODECS
+from ._errors import MeshError
+from ._mesh import Mesh
+from ._peerid import short_id
+from ._placement import PeerCapacity, PlacementError, plan_placement
+from ._router import Router
+from ._serving import ServingEntry, StageServer
+from ._wire import field, read_message, write_message
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = TProtocol("/salala/deploy/1.0.0")
+HOST_TIMEOUT_S = 600.0
+PROGRESS_EVERY_S = 0.5
+VISIBLE_TIMEOUT_S = 15.0
+
+DeployProgress = Callable[[dict[str, Any]], None]
+
+
+class DeployError(MeshError):
+    """A deployment could not be completed."""
+
+
+async def serve_deploy(server: StageServer, peer_id: str, stream: INetStream) -> None:
+    """Host the stage a member asks us to, reporting fetch progress until it is ready."""
+    request = await read_message(stream)
+    (raw,) = check_serving([field(request, "entry", dict)])
+    sources = [s for s in field(request, "sources", list) if isinstance(s, str)]
+    entry = ServingEntry(**raw)
+    progress = {"bytes": 0, "total": 0}
+
+    def note(done: int, total: int) -> None:
+        progress.update(bytes=done, total=total)
+
+    async def report() -> None:
+        while True:
+            await trio.sleep(PROGRESS_EVERY_S)
+            await write_message(stream, {"progress": dict(progress)})
+
+    try:
+        with trio.fail_after(HOST_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report)
+                await server.host(entry, sources, note)
+                nursery.cancel_scope.cancel()
+    except MeshError as exc:
+        await write_message(stream, {"ok": False, "error": str(exc)})
+        return
+    await write_message(stream, {"ok": True})
+
+
+class Deployer:
+    def __init__(self, mesh: Mesh, server: StageServer, router: Router, store: ModelStore) -> None:
+        self.mesh = mesh
+        self.server = server
+        self.router = router
+        self.store = store
+        self._analyses: dict[str, CutAnalysis] = {}
+
+    def _capacities(self) -> list[PeerCapacity]:
+        peers = []
+        for member in self.mesh.membership.members():
+            advert = member.advert
+            if not self.mesh.is_live(advert.peer_id):
+                continue
+            capacity = advert.capacity
+            peers.append(
+                PeerCapacity(
+                    advert.peer_id,
+                    gflops=float(capacity.get("gflops") or 1.0),
+                    memory_available=float(capacity.get("memory_available") or 1 << 30),
+                    rtt_ms=0.0
+                    if advert.peer_id == self.mesh.peer_id
+                    else float(member.rtt_ms or 1.0),
+                )
+            )
+        return peers
+
+    async def _host_on(self, peer_id: str, entry: ServingEntry, progress: DeployProgress) -> None:
+        label = {"stage": entry.stage, "peer": short_id(peer_id), "fragment": entry.fragment[:12]}
+        if peer_id == self.mesh.peer_id:
+            await self.server.host(entry, [self.mesh.peer_id])
+            progress({**label, "state": "ready"})
+            return
+        stream = await self.mesh.open_stream(peer_id, PROTOCOL)
+        try:
+            await write_message(stream, {"entry": entry.to_dict(), "sources": [self.mesh.peer_id]})
+            with trio.fail_after(HOST_TIMEOUT_S):
+                while True:
+                    reply = await read_message(stream, timeout=HOST_TIMEOUT_S)
+                    if "progress" in reply:
+                        progress({**label, "state": "fetching", **reply["progress"]})
+                        continue
+                    if reply.get("ok") is not True:
+                        why = reply.get("error")
+                        raise DeployError(
+                            f"{short_id(peer_id)} cannot host stage {entry.stage}: {why}"
+                        )
+                    progress({**label, "state": "ready"})
+                    return
+        finally:
+            with trio.move_on_after(2):
+                await stream.reset()
+
+    async def deploy(
+        self,
+        stored: StoredModel,
+        shards: int | None,
+        replicas: int,
+        codec: str,
+        progress: DeployProgress = lambda event: None,
+    ) -> dict[str, Any]:
+        if codec not in CODECS:
+            raise DeployError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+        analysis = self._analyses.get(stored.sha256)
+        if analysis is None:
+            analysis = await trio.to_thread.run_sync(lambda: analyze(onnx.load(str(stored.path))))
+            self._analyses[stored.sha256] = analysis
+        try:
+            placement = plan_placement(analysis, self._capacities(), shards, replicas)
+        except PlacementError as exc:
+            raise DeployError(f"cannot place {stored.name}: {exc}") from exc
+        plan = await trio.to_thread.run_sync(
+            split_stored_at, self.store, stored, analysis, placement.cuts
+        )
+        created = time.time_ns() // 1_000_000
+        deployment = f"{stored.name}@{created}"
+        entries = [
+            ServingEntry(
+                deployment,
+                created,
+                stored.name,
+                i,
+                len(plan.fragments),
+                f.sha256,
+                codec,
+                f.inputs,
+                f.outputs,
+            )
+            for i, f in enumerate(plan.fragments)
+        ]
+        progress(
+            {
+                "state": "planned",
+                "deployment": deployment,
+                "stages": [list(s.peers) for s in placement.stages],
+            }
+        )
+        failures: list[str] = []
+        ready: dict[int, list[str]] = {}
+
+        async def host(peer_id: str, entry: ServingEntry) -> None:
+            try:
+                await self._host_on(peer_id, entry, progress)
+                ready.setdefault(entry.stage, []).append(peer_id)
+            except (MeshError, trio.TooSlowError) as exc:
+                failures.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for stage, entry in zip(placement.stages, entries, strict=True):
+                for peer_id in stage.peers:
+                    nursery.start_soon(host, peer_id, entry)
+        missing = [e.stage for e in entries if e.stage not in ready]
+        if missing:
+            raise DeployError(
+                f"stages {missing} of {stored.name} found no host: {'; '.join(failures)}"
+            )
+        await self._until_visible(stored.name, deployment)
+        return {
+            "deployment": deployment,
+            "model": stored.name,
+            "codec": codec,
+            "bottleneck_ms": round(placement.bottleneck_s * 1000, 3),
+            "warnings": failures,
+            "stages": [
+                {
+                    "stage": e.stage,
+                    "fragment": e.fragment,
+                    "peers": ready[e.stage],
+                    "flops": f.flops,
+                    "weight_bytes": f.weight_bytes,
+                    "estimated_ms": round(s.seconds * 1000, 3),
+                }
+                for e, f, s in zip(entries, plan.fragments, placement.stages, strict=True)
+            ],
+        }
+
+    async def _until_visible(self, model: str, deployment: str) -> None:
+        """Wait until our own membership table shows every stage hosted."""
+        with trio.move_on_after(VISIBLE_TIMEOUT_S):
+            while True:
+                found = self.router.deployments().get(model)
+                if found and found.entries[0].deployment == deployment and all(found.hosts):
+                    return
+                await trio.sleep(0.1)
+        raise DeployError(f"{deployment} was hosted but its adverts did not arrive")

@@ -1,0 +1,121 @@
+"""Inference frames: a msgpack header, then the raw bytes of every tensor part.
+
+    [4-byte header length][msgpack header][part 0 bytes][part 1 bytes]...
+
+The header names each tensor with its codec metadata and the byte size of each part,
+so the receiver knows the whole frame's size before reading a byte of payload and can
+refuse one over its limit. Parts are written from memoryviews in chunks of at most
+4 MiB; nothing is copied on our side before py-libp2p frames it.
+"""
+
+from typing import Any
+
+import msgpack
+import numpy as np
+import trio
+from libp2p.abc import INetStream
+
+from . import _codecs
+from ._errors import WireError
+from ._wire import HEADER, read_exactly
+
+MAX_HEADER = 1 << 20
+CHUNK = 4 << 20
+_DTYPES = {
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+}
+
+
+def encode_frame(
+    header: dict[str, Any], tensors: dict[str, np.ndarray], codec: str = "raw"
+) -> tuple[bytes, list[memoryview]]:
+    """The header bytes (with tensor metadata added) and the payload views to write."""
+    described: list[dict[str, Any]] = []
+    views: list[memoryview] = []
+    for name, array in tensors.items():
+        meta, parts = _codecs.encode(array, codec)
+        described.append({"name": name, **meta, "sizes": [p.nbytes for p in parts]})
+        views.extend(p.reshape(-1).view(np.uint8).data for p in parts)
+    body = msgpack.packb({**header, "tensors": described}, use_bin_type=True)
+    return HEADER.pack(len(body)) + body, views
+
+
+async def write_frame(
+    stream: INetStream, head: bytes, views: list[memoryview], timeout: float
+) -> None:
+    with trio.fail_after(timeout):
+        await stream.write(head)
+        for view in views:
+            for start in range(0, len(view), CHUNK):
+                await stream.write(view[start : start + CHUNK])  # type: ignore[arg-type]  # any buffer
+
+
+async def read_header(stream: INetStream, idle_timeout: float) -> dict[str, Any]:
+    """Wait (up to ``idle_timeout``) for the next frame and return its header."""
+    with trio.fail_after(idle_timeout):
+        (length,) = HEADER.unpack(await read_exactly(stream, HEADER.size))
+    if length > MAX_HEADER:
+        raise WireError(f"frame header of {length} bytes is too large")
+    with trio.fail_after(10):
+        body = await read_exactly(stream, length)
+    try:
+        header = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack's zoo of errors
+        raise WireError(f"frame header is not msgpack: {exc}") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise WireError("frame header must be a map with a tensor list")
+    return header
+
+
+def payload_size(header: dict[str, Any]) -> int:
+    """Total payload bytes the header announces; WireError if it is inconsistent."""
+    total = 0
+    for tensor in header["tensors"]:
+        if not isinstance(tensor, dict):
+            raise WireError("tensor entries must be maps")
+        try:
+            layout = _codecs.part_layout(tensor)
+            if tensor["dtype"] not in _DTYPES:
+                raise WireError(f"tensor {tensor.get('name')!r} has unsupported dtype")
+            sizes = tensor["sizes"]
+            expected = [
+                int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                for dtype, shape in layout
+            ]
+        except (KeyError, TypeError, ValueError, _codecs.CodecError) as exc:
+            raise WireError(f"tensor {tensor.get('name')!r} is malformed: {exc}") from exc
+        if sizes != expected or any(s < 0 for s in sizes) or any(d < 0 for d in tensor["shape"]):
+            raise WireError(f"tensor {tensor.get('name')!r}: part sizes do not match its shape")
+        total += sum(sizes)
+    return total
+
+
+async def read_payload(
+    stream: INetStream, header: dict[str, Any], timeout: float
+) -> dict[str, np.ndarray]:
+    """Read and decode the tensors a validated header announced."""
+    tensors = {}
+    with trio.fail_after(timeout):
+        for tensor in header["tensors"]:
+            parts = []
+            for (dtype, shape), size in zip(
+                _codecs.part_layout(tensor), tensor["sizes"], strict=True
+            ):
+                data = await read_exactly(stream, size)
+                parts.append(np.frombuffer(data, dtype=dtype).reshape(shape))
+            try:
+                tensors[str(tensor["name"])] = _codecs.decode(tensor, parts)
+            except _codecs.CodecError as exc:
+                raise WireError(f"tensor {tensor['name']!r}: {exc}") from exc
+    return tensors

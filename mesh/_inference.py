@@ -1,0 +1,42 @@
+"""Sharded inference on a member: the stage server, the router and the deployer,
+wired to the mesh's protocols and run for as long as the node runs."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from ..models import ModelStore
+from . import _deploy, _transfer
+from ._deploy import Deployer
+from ._mesh import Mesh
+from ._router import Router
+from ._serving import StageServer
+
+
+@dataclass(frozen=True)
+class Inference:
+    server: StageServer
+    router: Router
+    deployer: Deployer
+
+
+@asynccontextmanager
+async def open_inference(
+    mesh: Mesh,
+    store: ModelStore,
+    threads: int | None,
+    compute: trio.CapacityLimiter,
+    max_payload: int,
+) -> AsyncIterator[Inference]:
+    server = StageServer(mesh, store, threads, compute, max_payload)
+    router = Router(mesh, server)
+    deployer = Deployer(mesh, server, router, store)
+    mesh.handle(_transfer.PROTOCOL, partial(_transfer.serve_fetch, store))
+    mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        yield Inference(server, router, deployer)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,156 @@
+"""Placement: which contiguous fragments go to which peers. Pure; no I/O.
+
+A pipeline runs at the pace of its slowest stage, so we minimise the slowest stage's
+time: its compute (FLOPs over the peer's *measured* GFLOP/s) plus sending its activation
+on (bytes over bandwidth, plus half the RTT). A stage must fit the peer's free memory.
+Unlike splitting by memory alone (exo) or into equal slices (distributed-llama), a fast
+device with little memory and a big slow one each get the share they can carry.
+
+For a given number of shards we take that many of the fastest peers that have room, in
+speed order, and choose the cuts by dynamic programming over the model's valid cut
+points. ``shards=None`` tries every count and keeps the smallest whose slowest stage is
+within 5 % of the best, since every extra hop adds latency.
+"""
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+from ..models import Cut, CutAnalysis
+from ._errors import MeshError
+
+DEFAULT_BANDWIDTH = 100e6  # bytes/s; a LAN. Not measured yet.
+MEMORY_FACTOR = 3.0  # a session needs about this many times its weight bytes
+AUTO_TOLERANCE = 1.05
+MAX_SHARDS = 16
+
+
+class PlacementError(MeshError):
+    """No placement fits: too few peers, too little memory, or too few cut points."""
+
+
+@dataclass(frozen=True)
+class PeerCapacity:
+    peer_id: str
+    gflops: float
+    memory_available: float
+    rtt_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    start: int  # first node
+    end: int  # one past the last node
+    cut: Cut | None  # the cut at ``end`` (None for the last stage)
+    peers: tuple[str, ...]  # primary first, then replicas
+    seconds: float  # estimated time on the primary
+
+
+@dataclass(frozen=True)
+class Placement:
+    stages: tuple[Stage, ...]
+
+    @property
+    def bottleneck_s(self) -> float:
+        return max(s.seconds for s in self.stages)
+
+    @property
+    def cuts(self) -> list[Cut]:
+        return [s.cut for s in self.stages if s.cut is not None]
+
+
+def _stage_costs(
+    analysis: CutAnalysis, points: np.ndarray, peer: PeerCapacity, bandwidth: float
+) -> np.ndarray:
+    """seconds[a, b] for nodes points[a]..points[b] on ``peer`` (inf where it does not fit)."""
+    flops = analysis.flops_before[points]
+    weights = analysis.weights_before[points]
+    out_bytes = np.array([analysis.cut_bytes.get(int(p), 0) for p in points], dtype=float)
+    compute = (flops[None, :] - flops[:, None]) / max(peer.gflops, 1e-3) / 1e9
+    send = out_bytes[None, :] / bandwidth + peer.rtt_ms / 2000
+    send[:, -1] = 0.0  # the last stage's output goes back to the requester, not on
+    seconds = compute + send
+    fits = (weights[None, :] - weights[:, None]) * MEMORY_FACTOR <= peer.memory_available
+    valid = np.triu(np.ones_like(seconds, dtype=bool), k=1) & fits
+    return np.where(valid, seconds, np.inf)
+
+
+def _chain(
+    analysis: CutAnalysis, peers: list[PeerCapacity], bandwidth: float
+) -> tuple[float, list[int]] | None:
+    """Best cuts for ``peers`` in this order: (bottleneck, point indexes), or None."""
+    points = np.array([0] + [c.position for c in analysis.cuts] + [analysis.nodes])
+    count = len(points)
+    best = np.full(count, np.inf)
+    best[0] = 0.0
+    came_from = []
+    for peer in peers:
+        costs = _stage_costs(analysis, points, peer, bandwidth)
+        options = np.maximum(best[:, None], costs)  # options[a, b]: stage a..b on this peer
+        came_from.append(np.argmin(options, axis=0))
+        best = options.min(axis=0)
+    if not np.isfinite(best[-1]):
+        return None
+    path, end = [count - 1], count - 1
+    for back in reversed(came_from):
+        end = int(back[end])
+        path.append(end)
+    return float(best[-1]), list(reversed(path))
+
+
+def plan_placement(
+    analysis: CutAnalysis,
+    peers: list[PeerCapacity],
+    shards: int | None = None,
+    replicas: int = 1,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+) -> Placement:
+    """Choose cuts and peers; PlacementError says why none fits."""
+    if not peers:
+        raise PlacementError("no peers to place the model on")
+    if replicas < 1:
+        raise PlacementError(f"replicas must be at least 1, not {replicas}")
+    ranked = sorted(peers, key=lambda p: (-p.gflops, p.rtt_ms, p.peer_id))
+    limit = min(len(ranked), len(analysis.cuts) + 1, MAX_SHARDS)
+    counts = [shards] if shards else list(range(1, limit + 1))
+    if shards and shards > limit:
+        raise PlacementError(
+            f"cannot place {shards} shards: {len(ranked)} peers and "
+            f"{len(analysis.cuts) + 1} possible fragments"
+        )
+    options = {n: _chain(analysis, ranked[:n], bandwidth) for n in counts}
+    feasible = {n: found for n, found in options.items() if found is not None}
+    if not feasible:
+        raise PlacementError("no placement fits the peers' free memory; add devices or free memory")
+    best = min(found[0] for found in feasible.values())
+    count = min(n for n, found in feasible.items() if found[0] <= best * AUTO_TOLERANCE)
+    _, path = feasible[count]
+    points = [0] + [c.position for c in analysis.cuts] + [analysis.nodes]
+    by_position = {c.position: c for c in analysis.cuts}
+    primaries = ranked[:count]
+    stages = []
+    for index, (a, b) in enumerate(pairwise(path)):
+        start, end = points[a], points[b]
+        peer = primaries[index]
+        seconds = _stage_costs(analysis, np.array([start, end]), peer, bandwidth)[0, 1]
+        extra = _replicas(analysis, start, end, peer, ranked, primaries, replicas - 1)
+        stages.append(
+            Stage(start, end, by_position.get(end), (peer.peer_id, *extra), float(seconds))
+        )
+    return Placement(tuple(stages))
+
+
+def _replicas(
+    analysis: CutAnalysis,
+    start: int,
+    end: int,
+    primary: PeerCapacity,
+    ranked: list[PeerCapacity],
+    primaries: list[PeerCapacity],
+    wanted: int,
+) -> list[str]:
+    """Peers to hold a copy: those idle in the pipeline first, then the others, fastest first."""
+    need = (analysis.weights_before[end] - analysis.weights_before[start]) * MEMORY_FACTOR
+    spare = [p for p in ranked if p not in primaries] + [p for p in primaries if p != primary]
+    return [p.peer_id for p in spare if p.memory_available >= need][:wanted]

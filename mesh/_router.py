@@ -1,0 +1,199 @@
+"""Routing a request through a deployment, and replaying it when a stage dies.
+
+The requester keeps every request's inputs until its answer arrives. Each attempt picks
+one live peer per stage (fewest requests in flight from us, then lowest RTT; ourselves
+when we host the stage) and sends the inputs to the first. The answer comes back from
+the last stage. If a peer on the route is evicted, a stage reports that it could not
+reach the next one, or a stage is not hosted where the adverts said, the request is
+replayed on a route that avoids that peer. The first answer wins; a late duplicate from
+an earlier attempt is dropped, so the caller gets each answer exactly once.
+"""
+
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from ._errors import MeshError
+from ._mesh import Mesh
+from ._peerid import short_id
+from ._serving import LinkError, ServingEntry, StageServer
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 8
+WATCH_S = 0.2
+RETRYABLE = {"unreachable", "not_hosted", "internal"}
+
+
+class NoRouteError(MeshError):
+    """Some stage of the deployment has no live peer."""
+
+
+class UnknownDeploymentError(MeshError, LookupError):
+    """No deployment of that model is known in the mesh."""
+
+
+class StageRefusal(MeshError):
+    """A stage refused the request itself (bad input): replaying would not help."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Deployment:
+    entries: list[ServingEntry]  # one per stage
+    hosts: list[list[str]]  # live peers per stage
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    header: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(self, mesh: Mesh, server: StageServer) -> None:
+        self.mesh = mesh
+        self.server = server
+        server.on_reply = self._on_reply
+        self._pending: dict[str, _Pending] = {}
+        self._in_flight: Counter[str] = Counter()
+
+    def deployments(self) -> dict[str, Deployment]:
+        """The newest deployment of each model, with the live hosts of each stage."""
+        newest: dict[str, tuple[int, str]] = {}
+        hosted: dict[tuple[str, int], tuple[ServingEntry, list[str]]] = {}
+        for member in self.mesh.membership.members():
+            peer_id = member.advert.peer_id
+            if not self.mesh.is_live(peer_id):
+                continue
+            for raw in member.advert.serving:
+                entry = ServingEntry(**raw)
+                if (entry.created, entry.deployment) > newest.get(entry.model, (-1, "")):
+                    newest[entry.model] = (entry.created, entry.deployment)
+                hosted.setdefault((entry.deployment, entry.stage), (entry, []))[1].append(peer_id)
+        result = {}
+        for model, (_, deployment) in newest.items():
+            stages = [
+                hosted.get((deployment, i)) for i in range(self._stage_count(hosted, deployment))
+            ]
+            template = next(s for s in stages if s is not None)[0]
+            entries = [s[0] if s else None for s in stages]
+            result[model] = Deployment(
+                entries=[
+                    e or ServingEntry(**{**template.to_dict(), "stage": i, "fragment": "?"})
+                    for i, e in enumerate(entries)
+                ],
+                hosts=[s[1] if s else [] for s in stages],
+            )
+        return result
+
+    @staticmethod
+    def _stage_count(
+        hosted: dict[tuple[str, int], tuple[ServingEntry, list[str]]], deployment: str
+    ) -> int:
+        return next(entry.stages for (dep, _), (entry, _) in hosted.items() if dep == deployment)
+
+    def _route(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
+        route = []
+        for entry, hosts in zip(deployment.entries, deployment.hosts, strict=True):
+            usable = [p for p in hosts if p not in avoid and self.mesh.is_live(p)]
+            if not usable:
+                raise NoRouteError(
+                    f"no live peer holds stage {entry.stage + 1}/{entry.stages} of {model} "
+                    f"(fragment {entry.fragment[:12]})"
+                )
+            route.append(min(usable, key=self._preference))
+        return route
+
+    def _preference(self, peer_id: str) -> tuple[int, float]:
+        if peer_id == self.mesh.peer_id:
+            return (self._in_flight[peer_id], -1.0)
+        member = self.mesh.membership.get(peer_id)
+        rtt = member.rtt_ms if member is not None and member.rtt_ms is not None else 1e3
+        return (self._in_flight[peer_id], rtt)
+
+    def _on_reply(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        pending = self._pending.get(header["rid"])
+        if pending is None or pending.done.is_set():
+            return  # an answer to a request already answered (or never ours): drop it
+        if header["kind"] == "error" and header.get("attempt") != pending.header.get("attempt"):
+            return  # the failure of an attempt we have already given up on
+        pending.header, pending.tensors = header, tensors
+        pending.done.set()
+
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """Run ``model`` through its deployment; returns the outputs and the route taken."""
+        rid = uuid.uuid4().hex
+        avoid: set[str] = set()
+        pending = _Pending()
+        self._pending[rid] = pending
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                deployment = self.deployments().get(model)
+                if deployment is None:
+                    raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
+                route = self._route(model, deployment, avoid)
+                pending.header = {"attempt": attempt}
+                header = {
+                    "kind": "infer",
+                    "rid": rid,
+                    "attempt": attempt,
+                    "dep": deployment.entries[0].deployment,
+                    "stage": 0,
+                    "route": route,
+                    "reply": self.mesh.peer_id,
+                    "downstream": [e.inputs for e in deployment.entries],
+                    "trace": [],
+                }
+                self._in_flight.update(route)
+                try:
+                    failed = await self._attempt(pending, header, inputs, route)
+                finally:
+                    self._in_flight.subtract(route)
+                if failed is None:
+                    return pending.tensors, pending.header.get("trace", [])
+                log.info("request %s: replaying without %s", rid[:8], short_id(failed))
+                avoid.add(failed)
+            raise NoRouteError(f"{model}: gave up after {MAX_ATTEMPTS} attempts")
+        finally:
+            del self._pending[rid]
+
+    async def _attempt(
+        self,
+        pending: _Pending,
+        header: dict[str, Any],
+        inputs: dict[str, np.ndarray],
+        route: list[str],
+    ) -> str | None:
+        """None when answered; else the peer to avoid next time."""
+        try:
+            await self.server.deliver(route[0], header, inputs)
+        except LinkError:
+            return route[0]
+        with trio.move_on_after(ATTEMPT_TIMEOUT_S):
+            while not pending.done.is_set():
+                with trio.move_on_after(WATCH_S):
+                    await pending.done.wait()
+                gone = [p for p in route if not self.mesh.is_live(p)]
+                if gone and not pending.done.is_set():
+                    return gone[0]
+            reply = pending.header
+            if reply["kind"] == "result":
+                return None
+            pending.done = trio.Event()
+            if reply["code"] in RETRYABLE:
+                return str(reply.get("unreachable") or reply.get("peer"))
+            raise StageRefusal(reply["code"], reply.get("message", "refused"))
+        return next((p for p in route if p != self.mesh.peer_id), route[0])  # timed out

@@ -1,0 +1,307 @@
+"""Serving stages of deployments: the inference data path on every member.
+
+Frames arrive on ``/salala/infer/1.0.0`` streams (one long-lived stream per sending
+peer). A reader per stream validates each frame, refuses oversized ones, and hands
+stage work to a bounded queue: when the queue is full the reader stops reading, the
+sender's Yamux window fills, and its writes wait. That is the backpressure; there is
+no unbounded buffer anywhere. One worker runs the sessions (they already use every
+core) and forwards each output to the next stage's peer in its own task, so the next
+request computes while the last one is on the wire. Results and errors go straight
+back to the requester.
+"""
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from ..models import ModelStore
+from ..runtime import InputMismatchError, ModelLoadError, ModelSession
+from ._errors import MeshError, WireError
+from ._frames import encode_frame, payload_size, read_header, read_payload, write_frame
+from ._mesh import Mesh
+from ._peerid import short_id
+from ._transfer import Progress, fetch_object
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = TProtocol("/salala/infer/1.0.0")
+QUEUE = 8
+WRITE_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 3600.0
+FORWARDS_IN_FLIGHT = 4
+DEFAULT_MAX_PAYLOAD = 256 << 20
+
+
+@dataclass(frozen=True)
+class ServingEntry:
+    """One stage of a deployment, as hosts advertise it."""
+
+    deployment: str
+    created: int
+    model: str
+    stage: int
+    stages: int
+    fragment: str
+    codec: str
+    inputs: list[str]
+    outputs: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LinkError(MeshError):
+    """A frame could not be sent to a peer."""
+
+
+class Links:
+    """One outbound infer stream per peer, written by one sender at a time."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self._streams: dict[str, INetStream] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def send(self, peer_id: str, head: bytes, views: list[memoryview]) -> None:
+        async with self._locks.setdefault(peer_id, trio.Lock()):
+            for fresh in (False, True):  # a stream from before a restart fails once
+                stream = self._streams.get(peer_id)
+                try:
+                    if stream is None or fresh:
+                        stream = await self._mesh.open_stream(peer_id, PROTOCOL)
+                        self._streams[peer_id] = stream
+                    await write_frame(stream, head, views, WRITE_TIMEOUT_S)
+                    return
+                except Exception as exc:  # resets, timeouts, closed connections
+                    self._streams.pop(peer_id, None)
+                    if fresh:
+                        raise LinkError(f"cannot send to {short_id(peer_id)}: {exc!r}") from exc
+
+
+def _warm(session: ModelSession) -> None:
+    """One run on zeros so the first real request does not pay for allocation."""
+    feeds = {}
+    for spec in session.inputs:
+        shape = [
+            d if isinstance(d, int) and d > 0 else (1 if i == 0 else 8)
+            for i, d in enumerate(spec.shape)
+        ]
+        feeds[spec.name] = np.zeros(shape, dtype=spec.dtype or np.float32)
+    try:
+        session.run(feeds)
+    except InputMismatchError:
+        pass  # a model that rejects zeros is still loaded; warm-up is best effort
+
+
+class StageServer:
+    def __init__(
+        self,
+        mesh: Mesh,
+        store: ModelStore,
+        threads: int | None,
+        compute: trio.CapacityLimiter,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.threads = threads
+        self.max_payload = max_payload
+        self.served: Counter[str] = Counter()  # fragment sha -> stage runs
+        self.links = Links(mesh)
+        self.on_reply: Callable[[dict[str, Any], dict[str, np.ndarray]], None] = lambda h, t: None
+        self._compute = compute
+        self._hosted: dict[tuple[str, int], ServingEntry] = {}
+        self._sessions: dict[str, ModelSession] = {}
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel[
+            tuple[dict[str, Any], dict[str, np.ndarray]]
+        ](QUEUE)
+        self._forwards = trio.CapacityLimiter(FORWARDS_IN_FLIGHT)
+        self._nursery: trio.Nursery | None = None
+
+    def serving(self) -> list[dict[str, Any]]:
+        return [entry.to_dict() for entry in self._hosted.values()]
+
+    # ---- hosting ---------------------------------------------------------------
+
+    async def host(
+        self, entry: ServingEntry, sources: list[str], progress: Progress | None = None
+    ) -> None:
+        """Fetch (if needed), load and warm a stage; then advertise it."""
+        if entry.fragment not in self._sessions:
+            path = await fetch_object(self.mesh, self.store, entry.fragment, sources, progress)
+            try:
+                session = await trio.to_thread.run_sync(
+                    lambda: ModelSession(path, threads=self.threads)
+                )
+            except ModelLoadError as exc:
+                raise MeshError(f"fragment {entry.fragment[:12]} does not load: {exc}") from exc
+            await trio.to_thread.run_sync(_warm, session, limiter=self._compute)
+            self._sessions[entry.fragment] = session
+        for key, other in list(self._hosted.items()):
+            if other.model == entry.model and other.created < entry.created:
+                del self._hosted[key]  # a newer deployment of the model replaces it
+        self._hosted[(entry.deployment, entry.stage)] = entry
+        in_use = {e.fragment for e in self._hosted.values()}
+        for fragment in list(self._sessions):
+            if fragment not in in_use:
+                del self._sessions[fragment]
+        self.mesh.refresh()
+
+    # ---- frames in -----------------------------------------------------------------
+
+    async def handle_stream(self, peer_id: str, stream: INetStream) -> None:
+        while True:
+            header = await read_header(stream, IDLE_TIMEOUT_S)
+            kind = header.get("kind")
+            if kind not in ("infer", "result", "error") or not isinstance(header.get("rid"), str):
+                raise WireError(f"frame kind {kind!r} without a request id")
+            size = payload_size(header)
+            if size > self.max_payload:
+                await self._refuse(
+                    header,
+                    "too_large",
+                    f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
+                )
+                raise WireError("oversized frame")  # its payload is never read: reset the stream
+            tensors = await read_payload(stream, header, READ_TIMEOUT_S)
+            if kind == "infer":
+                await self._jobs_send.send((header, tensors))
+            else:
+                self.on_reply(header, tensors)
+
+    async def submit(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Queue stage work from this node (the requester or a previous local stage)."""
+        await self._jobs_send.send((header, tensors))
+
+    # ---- frames out -----------------------------------------------------------------
+
+    async def deliver(
+        self,
+        peer_id: str,
+        header: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        codec: str = "raw",
+    ) -> None:
+        """Send a frame to a peer, or hand it over directly when the peer is us."""
+        if peer_id == self.mesh.peer_id:
+            if header["kind"] == "infer":
+                await self.submit(header, tensors)
+            else:
+                self.on_reply(header, tensors)
+            return
+        head, views = encode_frame(header, tensors, codec)
+        await self.links.send(peer_id, head, views)
+
+    async def _refuse(self, header: dict[str, Any], code: str, message: str, **extra: Any) -> None:
+        reply = header.get("reply")
+        if not isinstance(reply, str):
+            return
+        error = {
+            "kind": "error",
+            "rid": header.get("rid"),
+            "attempt": header.get("attempt"),
+            "code": code,
+            "message": message,
+            "peer": self.mesh.peer_id,
+            **extra,
+        }
+        try:
+            await self.deliver(reply, error, {})
+        except MeshError as exc:
+            log.debug("cannot tell %s about %s: %s", short_id(reply), code, exc)
+
+    # ---- the worker ---------------------------------------------------------------
+
+    def _check(self, header: dict[str, Any]) -> ServingEntry:
+        stage, route = header.get("stage"), header.get("route")
+        if not isinstance(stage, int) or not isinstance(route, list) or not 0 <= stage < len(route):
+            raise WireError("infer frame needs a stage inside its route")
+        if not isinstance(header.get("downstream"), list) or len(header["downstream"]) != len(
+            route
+        ):
+            raise WireError("infer frame needs the inputs of every stage")
+        entry = self._hosted.get((str(header.get("dep")), stage))
+        if entry is None:
+            raise LookupError(
+                f"{short_id(self.mesh.peer_id)} does not host stage {stage} of {header.get('dep')}"
+            )
+        return entry
+
+    async def _run_stage(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        try:
+            entry = self._check(header)
+        except WireError as exc:
+            await self._refuse(header, "bad_request", str(exc))
+            return
+        except LookupError as exc:
+            await self._refuse(header, "not_hosted", str(exc))
+            return
+        session = self._sessions[entry.fragment]
+        feeds = {spec.name: tensors[spec.name] for spec in session.inputs if spec.name in tensors}
+        started = time.perf_counter()
+        try:
+            session.check_inputs(feeds)
+            outputs = await trio.to_thread.run_sync(session.run, feeds, limiter=self._compute)
+        except InputMismatchError as exc:
+            await self._refuse(
+                header, "invalid_input", f"stage {entry.stage} of {entry.model}: {exc}"
+            )
+            return
+        self.served[entry.fragment] += 1
+        trace = [
+            *header.get("trace", []),
+            [entry.stage, self.mesh.peer_id, round((time.perf_counter() - started) * 1000, 3)],
+        ]
+        if entry.stage == entry.stages - 1:
+            result = {
+                "kind": "result",
+                "rid": header["rid"],
+                "attempt": header.get("attempt"),
+                "trace": trace,
+            }
+            await self._forward(header["reply"], result, outputs, "raw", header)
+            return
+        later = {name for names in header["downstream"][entry.stage + 1 :] for name in names}
+        carried = {name: value for name, value in tensors.items() if name in later}
+        carried.update(outputs)
+        onward = {**header, "stage": entry.stage + 1, "trace": trace}
+        await self._forward(header["route"][entry.stage + 1], onward, carried, entry.codec, header)
+
+    async def _forward(
+        self,
+        peer_id: str,
+        header: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        codec: str,
+        request: dict[str, Any],
+    ) -> None:
+        async def send() -> None:
+            async with self._forwards:
+                try:
+                    await self.deliver(peer_id, header, tensors, codec)
+                except MeshError as exc:
+                    await self._refuse(request, "unreachable", str(exc), unreachable=peer_id)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(send)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.mesh.handle(PROTOCOL, self.handle_stream)
+            task_status.started()
+            async for header, tensors in self._jobs_receive:
+                try:
+                    await self._run_stage(header, tensors)
+                except Exception:  # a bug in one request must not stop the worker
+                    log.exception("stage failed")
+                    await self._refuse(header, "internal", "the stage failed; see its log")

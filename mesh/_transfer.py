@@ -1,0 +1,132 @@
+"""Moving fragments between members by content hash.
+
+A fetch asks a peer for an object by sha256 from a byte offset; the bytes land in
+``<store>/incoming/<sha>.part``, so an interrupted transfer resumes where it stopped.
+The finished file is hashed before it enters the store: a peer cannot hand us anything
+but the object we asked for.
+"""
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from ..models import MODEL_FILE, ModelStore
+from ._errors import MeshError, WireError
+from ._mesh import Mesh
+from ._peerid import short_id
+from ._wire import field, read_message, write_message
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = TProtocol("/salala/fetch/1.0.0")
+CHUNK = 1 << 20
+STALL_TIMEOUT_S = 15.0  # a transfer may be long, but each chunk must keep coming
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+Progress = Callable[[int, int], None]  # (bytes so far, total)
+
+
+class TransferError(MeshError):
+    """No peer could supply an object, or what arrived was not it."""
+
+
+def _check_hash(sha256: object) -> str:
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise WireError("an object is named by 64 lowercase hex digits")
+    return sha256
+
+
+async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> None:
+    """Send the requested object from the requested offset."""
+    request = await read_message(stream)
+    sha256 = _check_hash(request.get("sha256"))
+    offset = field(request, "offset", int)
+    path = store.object_path(sha256)
+    if not path.is_file() or any(p.name != MODEL_FILE for p in path.parent.iterdir()):
+        await write_message(stream, {"error": f"no single-file object {sha256[:12]} here"})
+        return
+    size = path.stat().st_size
+    await write_message(stream, {"size": size})
+    with path.open("rb") as source:
+        source.seek(min(max(offset, 0), size))
+        while chunk := await trio.to_thread.run_sync(source.read, CHUNK):
+            with trio.fail_after(STALL_TIMEOUT_S):
+                await stream.write(chunk)
+    await stream.close()
+
+
+async def _fetch_from(
+    mesh: Mesh, peer_id: str, sha256: str, part: Path, progress: Progress | None
+) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    stream = await mesh.open_stream(peer_id, PROTOCOL)
+    try:
+        await write_message(stream, {"sha256": sha256, "offset": offset})
+        reply = await read_message(stream)
+        if "error" in reply:
+            raise TransferError(f"{short_id(peer_id)}: {reply['error']}")
+        size = field(reply, "size", int)
+        with part.open("ab") as sink:
+            while offset < size:
+                with trio.fail_after(STALL_TIMEOUT_S):
+                    chunk = await stream.read(min(CHUNK, size - offset))
+                if not chunk:
+                    raise TransferError(
+                        f"{short_id(peer_id)} stopped after {offset} of {size} bytes"
+                    )
+                sink.write(chunk)
+                offset += len(chunk)
+                if progress is not None:
+                    progress(offset, size)
+    finally:
+        with trio.move_on_after(2):
+            await stream.reset()
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(CHUNK * 4):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def fetch_object(
+    mesh: Mesh, store: ModelStore, sha256: str, sources: list[str], progress: Progress | None = None
+) -> Path:
+    """The object's path in our store, fetched from the first source that has it."""
+    _check_hash(sha256)
+    if store.object_path(sha256).is_file():
+        return store.object_path(sha256)
+    incoming = store.root / "incoming"
+    incoming.mkdir(exist_ok=True)
+    part = incoming / f"{sha256}.part"
+    failures = []
+    for peer_id in [s for s in sources if s != mesh.peer_id]:
+        try:
+            await _fetch_from(mesh, peer_id, sha256, part, progress)
+        except (MeshError, WireError, OSError, trio.TooSlowError) as exc:
+            failures.append(f"{short_id(peer_id)}: {exc}")
+            continue
+        if await trio.to_thread.run_sync(_sha256_of, part) != sha256:
+            part.unlink()  # corrupt or not what we asked for: start over elsewhere
+            failures.append(f"{short_id(peer_id)}: sent bytes that do not hash to {sha256[:12]}")
+            continue
+        model_file = incoming / sha256 / MODEL_FILE
+        model_file.parent.mkdir(exist_ok=True)
+        part.replace(model_file)
+        stored, _ = await trio.to_thread.run_sync(store.add_object, model_file)
+        model_file.unlink()
+        model_file.parent.rmdir()
+        if stored != sha256:
+            raise TransferError(f"object {sha256[:12]} changed on import")
+        return store.object_path(sha256)
+    raise TransferError(
+        f"no peer could supply fragment {sha256[:12]} ({'; '.join(failures) or 'no sources'})"
+    )
