@@ -6,10 +6,10 @@ on (bytes over bandwidth, plus half the RTT). A stage must fit the peer's free m
 Unlike splitting by memory alone (exo) or into equal slices (distributed-llama), a fast
 device with little memory and a big slow one each get the share they can carry.
 
-For a given number of shards we take that many of the fastest peers that have room, in
-speed order, and choose the cuts by dynamic programming over the model's valid cut
-points. ``shards=None`` tries every count and keeps the smallest whose slowest stage is
-within 5 % of the best, since every extra hop adds latency.
+For a given number of shards we take that many of the fastest peers, in speed order
+(and in reverse, keeping the better), and choose the cuts by dynamic programming over
+the model's valid cut points. ``shards=None`` tries every count and keeps the smallest
+whose slowest stage is within 5 % of the best, since every extra hop adds latency.
 """
 
 from dataclasses import dataclass
@@ -112,23 +112,29 @@ def plan_placement(
     if replicas < 1:
         raise PlacementError(f"replicas must be at least 1, not {replicas}")
     ranked = sorted(peers, key=lambda p: (-p.gflops, p.rtt_ms, p.peer_id))
-    limit = min(len(ranked), len(analysis.cuts) + 1, MAX_SHARDS)
-    counts = [shards] if shards else list(range(1, limit + 1))
-    if shards and shards > limit:
+    fragments = len(analysis.cuts) + 1
+    if shards and shards > min(fragments, MAX_SHARDS):
         raise PlacementError(
-            f"cannot place {shards} shards: {len(ranked)} peers and "
-            f"{len(analysis.cuts) + 1} possible fragments"
+            f"cannot cut into {shards} shards: the model has {fragments} possible fragments"
         )
-    options = {n: _chain(analysis, ranked[:n], bandwidth) for n in counts}
-    feasible = {n: found for n, found in options.items() if found is not None}
+    # Asked for more shards than peers, some peers take two stages (round robin).
+    counts = [shards] if shards else list(range(1, min(len(ranked), fragments, MAX_SHARDS) + 1))
+    options = {}
+    for n in counts:
+        # Fastest first, and the reverse: the first stage often holds the embedding
+        # table, which a fast peer with little memory cannot take.
+        for order in (_cycle(ranked, n), _cycle(ranked, n)[::-1]):
+            found = _chain(analysis, order, bandwidth)
+            if found is not None and (n not in options or found[0] < options[n][0]):
+                options[n] = (found[0], found[1], order)
+    feasible = options
     if not feasible:
         raise PlacementError("no placement fits the peers' free memory; add devices or free memory")
     best = min(found[0] for found in feasible.values())
     count = min(n for n, found in feasible.items() if found[0] <= best * AUTO_TOLERANCE)
-    _, path = feasible[count]
+    _, path, primaries = feasible[count]
     points = [0] + [c.position for c in analysis.cuts] + [analysis.nodes]
     by_position = {c.position: c for c in analysis.cuts}
-    primaries = ranked[:count]
     stages = []
     for index, (a, b) in enumerate(pairwise(path)):
         start, end = points[a], points[b]
@@ -139,6 +145,10 @@ def plan_placement(
             Stage(start, end, by_position.get(end), (peer.peer_id, *extra), float(seconds))
         )
     return Placement(tuple(stages))
+
+
+def _cycle(ranked: list[PeerCapacity], count: int) -> list[PeerCapacity]:
+    return [ranked[i % len(ranked)] for i in range(count)]
 
 
 def _replicas(
@@ -152,5 +162,7 @@ def _replicas(
 ) -> list[str]:
     """Peers to hold a copy: those idle in the pipeline first, then the others, fastest first."""
     need = (analysis.weights_before[end] - analysis.weights_before[start]) * MEMORY_FACTOR
-    spare = [p for p in ranked if p not in primaries] + [p for p in primaries if p != primary]
+    spare = [p for p in ranked if p not in primaries] + [
+        p for p in dict.fromkeys(primaries) if p != primary
+    ]
     return [p.peer_id for p in spare if p.memory_available >= need][:wanted]

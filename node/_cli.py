@@ -93,6 +93,9 @@ def node_start(
     no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS at all.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads per model session.")] = None,  # noqa: UP045
     max_request_mb: Annotated[int, typer.Option(help="Largest API request accepted.")] = 1024,
+    max_tensor_mb: Annotated[
+        int, typer.Option(help="Largest set of tensors one inference may send between peers.")
+    ] = 256,
 ) -> None:
     """Run this device's node in the foreground (Ctrl-C stops it)."""
     import trio
@@ -123,6 +126,7 @@ def node_start(
         mdns=not no_mdns and file_config.mdns is not False,
         threads=threads,
         max_request_bytes=max_request_mb << 20,
+        max_tensor_bytes=max_tensor_mb << 20,
     )
     try:
         trio.run(run_node, config)

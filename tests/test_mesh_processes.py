@@ -108,6 +108,8 @@ async def _stranger_is_refused(bootstrap: str, real_key: MeshKey) -> None:
             while target.peer_id in host.get_connected_peers():
                 await trio.sleep(0.2)
         assert real_key.mesh_id  # the stranger never learned anything but the node's id
+        with trio.move_on_after(5):
+            await host.disconnect(target.peer_id)  # close our socket before the host goes
 
 
 async def _refused(host: IHost, peer: ID, protocol: TProtocol) -> bool:

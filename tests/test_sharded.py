@@ -1,0 +1,206 @@
+"""Sharded inference across real node processes: exact answers, failover, bad requests."""
+
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import trio
+from conftest import NodeProcess, minilm_inputs, minilm_path
+from mesh_helpers import identity, mesh_of, peer_ids, wait_until
+from salala.mesh import MeshKey, _auth
+from salala.mesh._host import open_host
+from salala.mesh._serving import PROTOCOL as INFER
+from salala.node import BadRequestError, InvalidInputError, UnknownModelError
+
+pytestmark = pytest.mark.slow
+
+
+def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(str(minilm_path()), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def formed(nodes: list[NodeProcess]) -> None:
+    ids = {identity(node)[0] for node in nodes}
+    wait_until(lambda: all(peer_ids(n) == ids for n in nodes), 15, "the mesh forming")
+
+
+def deployed_everywhere(nodes: list[NodeProcess], deployment: str) -> None:
+    def seen() -> bool:
+        for node in nodes:
+            with node.client() as client:
+                found = [d for d in client.deployments() if d["model"] == "minilm"]
+            if not found or found[0]["deployment"] != deployment:
+                return False
+        return True
+
+    wait_until(seen, 15, f"{deployment} visible on every node")
+
+
+def test_sharded_output_equals_the_whole_model_for_2_3_and_4_shards(tmp_path: Path) -> None:
+    with mesh_of(tmp_path, 3) as nodes:
+        formed(nodes)
+        feeds = minilm_inputs(batch=2, tokens=24, seed=3)
+        expected = reference(feeds)
+        for shards in (2, 3, 4):
+            with nodes[0].client() as client:
+                events: list[dict] = []
+                deployment = client.deploy("minilm", shards=shards, on_progress=events.append)
+            assert len(deployment["stages"]) == shards
+            assert any(e.get("state") == "ready" for e in events)
+            deployed_everywhere(nodes, deployment["deployment"])
+            for node in nodes:  # any node can be the requester
+                with node.client() as client:
+                    outputs, route = client.infer_traced("minilm", feeds)
+                assert np.abs(outputs["last_hidden_state"] - expected).max() <= 1e-5
+                assert [hop["stage"] for hop in route] == list(range(shards))
+        # each stage peer reports the fragments it served
+        served: dict[str, int] = {}
+        for node in nodes:
+            with node.client() as client:
+                served.update(client.status()["served"])
+        last = {s["fragment"] for s in deployment["stages"]}
+        assert last <= set(served) and all(served[f] >= 3 for f in last)
+        assert len({p for s in deployment["stages"] for p in s["peers"]}) == 3
+
+
+def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path) -> None:
+    with mesh_of(tmp_path, 5) as nodes:
+        formed(nodes)
+        ids = [identity(node)[0] for node in nodes]
+        with nodes[0].client() as client:
+            deployment = client.deploy("minilm", shards=2, replicas=2)
+        deployed_everywhere(nodes, deployment["deployment"])
+        stage0, stage1 = (s["peers"] for s in deployment["stages"])
+        assert len(stage0) == 2 and len(stage1) == 2
+        killed = next(p for p in stage0 if p != ids[0])
+        frozen = next(p for p in stage1 if p not in (ids[0], killed))
+        clients = [n for n, i in zip(nodes, ids, strict=True) if i not in (killed, frozen)][:2]
+        victims = {i: n for n, i in zip(nodes, ids, strict=True)}
+
+        inputs = [minilm_inputs(batch=1, tokens=16, seed=seed) for seed in range(200)]
+        expected = [reference(feeds) for feeds in inputs]
+        answers: dict[int, list[np.ndarray]] = {i: [] for i in range(200)}
+        errors: list[BaseException] = []
+        done = threading.Semaphore(0)
+
+        def worker(node: NodeProcess, indexes: list[int]) -> None:
+            try:
+                with node.client() as client:
+                    for i in indexes:
+                        answers[i].append(client.infer("minilm", inputs[i])["last_hidden_state"])
+                        done.release()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=worker, args=(clients[k % 2], list(range(k, 200, 8))))
+            for k in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for _ in range(60):
+            done.acquire(timeout=60)
+        victims[killed].process.kill()
+        victims[frozen].process.send_signal(signal.SIGSTOP)
+        try:
+            for thread in threads:
+                thread.join(180)
+        finally:
+            victims[frozen].process.send_signal(signal.SIGCONT)
+        assert not errors, errors
+        for i in range(200):
+            assert len(answers[i]) == 1, f"request {i} answered {len(answers[i])} times"
+            assert np.abs(answers[i][0] - expected[i]).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("bad-requests")
+    with mesh_of(root, 2, None, "--max-tensor-mb", "1") as nodes:
+        formed(nodes)
+        with nodes[0].client() as client:
+            deployment = client.deploy("minilm", shards=2)
+        deployed_everywhere(nodes, deployment["deployment"])
+        yield nodes
+
+
+def still_serving(node: NodeProcess) -> None:
+    feeds = minilm_inputs(seed=9)
+    with node.client() as client:
+        assert (
+            np.abs(client.infer("minilm", feeds)["last_hidden_state"] - reference(feeds)).max()
+            <= 1e-5
+        )
+
+
+def test_unknown_model(deployed: list[NodeProcess]) -> None:
+    with deployed[1].client() as client, pytest.raises(UnknownModelError, match="nope"):
+        client.infer("nope", minilm_inputs())
+    still_serving(deployed[1])
+
+
+def test_wrong_shapes_are_refused_by_the_stage(deployed: list[NodeProcess]) -> None:
+    feeds = minilm_inputs()
+    feeds["attention_mask"] = feeds["attention_mask"][:, :3]
+    with deployed[1].client() as client, pytest.raises(InvalidInputError, match="stage"):
+        client.infer("minilm", feeds)
+    feeds = minilm_inputs()
+    feeds["input_ids"] = feeds["input_ids"].astype(np.int32)
+    with deployed[1].client() as client, pytest.raises(InvalidInputError, match="int32"):
+        client.infer("minilm", feeds)
+    still_serving(deployed[1])
+
+
+def test_tensors_over_the_limit_are_refused(deployed: list[NodeProcess]) -> None:
+    big = minilm_inputs(batch=8, tokens=512)
+    big["input_ids"] = np.repeat(big["input_ids"], 8, axis=0)  # 64 x 512 x 3 x 8 bytes > 1 MiB
+    big["attention_mask"] = np.repeat(big["attention_mask"], 8, axis=0)
+    big["token_type_ids"] = np.repeat(big["token_type_ids"], 8, axis=0)
+    # inputs under the limit, but the activation stage 0 would send on is over it
+    with (
+        deployed[0].client() as client,
+        pytest.raises(BadRequestError, match="exceed this peer's limit"),
+    ):
+        client.infer("minilm", big)
+    huge = {k: np.repeat(v, 2, axis=0) for k, v in big.items()}  # the inputs themselves
+    with deployed[0].client() as client, pytest.raises(BadRequestError, match="exceed the limit"):
+        client.infer("minilm", huge)
+    still_serving(deployed[0])
+
+
+async def test_malformed_frames_on_the_inference_protocol(deployed: list[NodeProcess]) -> None:
+    """A member (it has the key) that sends garbage frames: its stream is reset, nothing else."""
+    target_id, target_addr = identity(deployed[1])
+    key = MeshKey.parse((deployed[0].data_dir / "mesh.key").read_text())
+    import multiaddr
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    info = info_from_p2p_addr(multiaddr.Multiaddr(target_addr))
+    async with open_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+        with trio.fail_after(10):
+            await host.connect(info)
+            stream = await host.new_stream(info.peer_id, [_auth.PROTOCOL])
+            await _auth.prove_as_dialer(stream, key, host.get_id(), info.peer_id)
+        garbage = [
+            b"\x00\x00\x00\x05hello",
+            b"\x00\x00\x00\x02\x81\xa1",
+            b"\xff\xff\xff\xff" + b"x" * 64,
+            b"\x00\x00\x00\x30\x83\xa4kind\xa5infer\xa3rid\xa1r\xa7tensors"
+            + b"\x91\x83\xa4name\xa1x\xa5dtype\xa6object"
+            + b"\x00" * 8,
+        ]
+        for payload in garbage:
+            with trio.fail_after(10):
+                stream = await host.new_stream(info.peer_id, [INFER])
+                await stream.write(payload)
+                await trio.sleep(0.2)
+        with trio.move_on_after(5):
+            await host.disconnect(info.peer_id)  # close our socket before the host goes
+    still_serving(deployed[1])
+    still_serving(deployed[0])
+    assert target_id
