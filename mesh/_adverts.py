@@ -38,6 +38,7 @@ _SERVING_FIELDS: dict[str, type | tuple[type, ...]] = {
     "stage": int,
     "stages": int,
     "fragment": str,
+    "fragments": list,
     "codec": str,
     "inputs": list,
     "outputs": list,
@@ -124,8 +125,12 @@ def check_serving(value: Any) -> tuple[dict[str, Any], ...]:
             )
         for name, kind in _SERVING_FIELDS.items():
             _check(entry[name], kind, f"serving.{name}")
-        if not all(isinstance(n, str) for n in [*entry["inputs"], *entry["outputs"]]):
-            raise WireError("serving inputs and outputs must be tensor names")
+        if not all(
+            isinstance(n, str) for n in [*entry["inputs"], *entry["outputs"], *entry["fragments"]]
+        ):
+            raise WireError("serving inputs, outputs and fragments must be strings")
+        if len(entry["fragments"]) != entry["stages"] or not 0 <= entry["stage"] < entry["stages"]:
+            raise WireError("a serving entry's stage must lie within its fragments")
     return tuple(value)
 
 

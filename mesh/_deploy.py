@@ -154,6 +154,7 @@ class Deployer:
                 i,
                 len(plan.fragments),
                 f.sha256,
+                [g.sha256 for g in plan.fragments],
                 codec,
                 f.inputs,
                 f.outputs,

@@ -12,6 +12,7 @@ the model's valid cut points. ``shards=None`` tries every count and keeps the sm
 whose slowest stage is within 5 % of the best, since every extra hop adds latency.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -136,11 +137,13 @@ def plan_placement(
     points = [0] + [c.position for c in analysis.cuts] + [analysis.nodes]
     by_position = {c.position: c for c in analysis.cuts}
     stages = []
+    used: Counter[str] = Counter()  # replicas spread out, so one loss never takes two
     for index, (a, b) in enumerate(pairwise(path)):
         start, end = points[a], points[b]
         peer = primaries[index]
         seconds = _stage_costs(analysis, np.array([start, end]), peer, bandwidth)[0, 1]
-        extra = _replicas(analysis, start, end, peer, ranked, primaries, replicas - 1)
+        extra = _replicas(analysis, start, end, peer, ranked, primaries, replicas - 1, used)
+        used.update(extra)
         stages.append(
             Stage(start, end, by_position.get(end), (peer.peer_id, *extra), float(seconds))
         )
@@ -159,10 +162,13 @@ def _replicas(
     ranked: list[PeerCapacity],
     primaries: list[PeerCapacity],
     wanted: int,
+    used: Counter[str],
 ) -> list[str]:
-    """Peers to hold a copy: those idle in the pipeline first, then the others, fastest first."""
+    """Peers to hold a copy: idle in the pipeline first, least used as replicas, fastest."""
     need = (analysis.weights_before[end] - analysis.weights_before[start]) * MEMORY_FACTOR
-    spare = [p for p in ranked if p not in primaries] + [
-        p for p in dict.fromkeys(primaries) if p != primary
-    ]
-    return [p.peer_id for p in spare if p.memory_available >= need][:wanted]
+    busy = {p.peer_id for p in primaries}
+    spare = sorted(
+        (p for p in ranked if p != primary and p.memory_available >= need),
+        key=lambda p: (p.peer_id in busy, used[p.peer_id], ranked.index(p)),
+    )
+    return [p.peer_id for p in spare[:wanted]]

@@ -90,7 +90,10 @@ class Router:
             entries = [s[0] if s else None for s in stages]
             result[model] = Deployment(
                 entries=[
-                    e or ServingEntry(**{**template.to_dict(), "stage": i, "fragment": "?"})
+                    e
+                    or ServingEntry(
+                        **{**template.to_dict(), "stage": i, "fragment": template.fragments[i]}
+                    )
                     for i, e in enumerate(entries)
                 ],
                 hosts=[s[1] if s else [] for s in stages],

@@ -51,6 +51,7 @@ class ServingEntry:
     stage: int
     stages: int
     fragment: str
+    fragments: list[str]  # every stage's, so a missing stage can be named
     codec: str
     inputs: list[str]
     outputs: list[str]

@@ -393,19 +393,36 @@ def _print_tensors(outputs: dict[str, np.ndarray]) -> None:
     console.print(table)
 
 
-def _run_text(
-    node_name: str, model: str, texts: list[str], data_dir: Path | None, as_json: bool
-) -> None:
+def _print_route(route: list[dict[str, Any]]) -> None:
+    if not route:
+        console.print("ran on this node (no deployment across the mesh)")
+        return
+    table = Table(title="Where each fragment ran")
+    for column in ("stage", "peer", "compute ms"):
+        table.add_column(column)
+    for hop in route:
+        table.add_row(str(hop["stage"]), hop["short_id"], f"{hop['ms']:.2f}")
+    console.print(table)
+
+
+def run_text(model: str, texts: list[str], data_dir: Path | None, as_json: bool) -> None:
+    """Embed texts with a MiniLM-style model through the node and print the result."""
     from ..models import encode_texts, sentence_embeddings
 
     inputs = encode_texts(texts)
     with connect(data_dir) as node:
-        outputs = node.infer(model, inputs)
+        outputs, route = node.infer_traced(model, inputs)
     embeddings = sentence_embeddings(outputs["last_hidden_state"], inputs["attention_mask"])
     cosine = float(embeddings[0] @ embeddings[1]) if len(texts) == 2 else None
     if as_json:
         _print_json(
-            {"model": model, "texts": texts, "embeddings": embeddings.tolist(), "cosine": cosine}
+            {
+                "model": model,
+                "texts": texts,
+                "embeddings": embeddings.tolist(),
+                "cosine": cosine,
+                "route": route,
+            }
         )
         return
     table = Table(title=f"{model}: sentence embeddings ({embeddings.shape[1]} dims)")
@@ -416,6 +433,7 @@ def _run_text(
     console.print(table)
     if cosine is not None:
         console.print(f"cosine similarity: [bold]{cosine:.4f}[/]")
+    _print_route(route)
 
 
 @app.command("run")
@@ -431,13 +449,13 @@ def run(
     if (input_file is None) == (not text):
         raise typer.BadParameter("give either --input FILE.npz or --text")
     if text:
-        _run_text("node", model, text, data_dir, as_json)
+        run_text(model, text, data_dir, as_json)
         return
     assert input_file is not None
     with np.load(input_file, allow_pickle=False) as archive:
         inputs = {name: archive[name] for name in archive.files}
     with connect(data_dir) as node:
-        outputs = node.infer(model, inputs)
+        outputs, route = node.infer_traced(model, inputs)
     if output is not None:
         np.savez(output, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds badly
     if as_json:
@@ -449,6 +467,109 @@ def run(
         )
     else:
         _print_tensors(outputs)
+        _print_route(route)
+
+
+@app.command("deploy")
+def deploy(
+    model: str,
+    shards: Annotated[str, typer.Option(help="Number of fragments, or 'auto'.")] = "auto",
+    replicas: Annotated[int, typer.Option(help="Peers holding each fragment.")] = 1,
+    codec: Annotated[
+        str, typer.Option(help="Activations between stages: raw, fp16, int8.")
+    ] = "raw",
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Split MODEL across the mesh by measured capacity and warm every stage."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    if shards != "auto" and not shards.isdigit():
+        raise typer.BadParameter("--shards takes a number or 'auto'")
+    count = None if shards == "auto" else int(shards)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=Console(stderr=True),
+        disable=as_json,
+    ) as bars:
+        tasks: dict[tuple[int, str], Any] = {}
+
+        def on_progress(event: dict[str, Any]) -> None:
+            if "stage" not in event:
+                return
+            key = (event["stage"], event["peer"])
+            if key not in tasks:
+                label = f"stage {event['stage']} → {event['peer']}"
+                tasks[key] = bars.add_task(label, total=event.get("total") or None)
+            if event["state"] == "ready":
+                total = bars.tasks[tasks[key]].total or 1
+                bars.update(tasks[key], total=total, completed=total)
+            else:
+                bars.update(
+                    tasks[key], total=event.get("total") or None, completed=event.get("bytes", 0)
+                )
+
+        with connect(data_dir) as node:
+            result = node.deploy(model, count, replicas, codec, on_progress)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{result['deployment']} ({result['codec']})")
+    for column in ("stage", "fragment", "peers", "GFLOPs", "weights", "est. ms"):
+        table.add_column(column)
+    for stage in result["stages"]:
+        table.add_row(
+            str(stage["stage"]),
+            stage["fragment"][:12],
+            ", ".join(p[-8:] for p in stage["peers"]),
+            f"{stage['flops'] / 1e9:.2f}",
+            _human_bytes(stage["weight_bytes"]),
+            f"{stage['estimated_ms']:.1f}",
+        )
+    console.print(table)
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@mesh_app.command("models")
+def mesh_models(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """Deployments in the mesh and where each fragment lives."""
+    with connect(data_dir) as node:
+        deployments = node.deployments()
+    if as_json:
+        _print_json(deployments)
+        return
+    table = Table(title="Deployments")
+    for column in ("model", "deployment", "codec", "stage", "fragment", "held by"):
+        table.add_column(column)
+    for deployment in deployments:
+        for stage in deployment["stages"]:
+            table.add_row(
+                deployment["model"],
+                deployment["deployment"],
+                deployment["codec"],
+                str(stage["stage"]),
+                stage["fragment"][:12],
+                ", ".join(stage["short_ids"]) or "[red]nobody live[/]",
+            )
+    console.print(table)
+
+
+@app.command("demo")
+def demo(
+    nodes: Annotated[int, typer.Option(help="Nodes to start on loopback.")] = 3,
+    text: Annotated[Optional[list[str]], typer.Option(help="Texts to embed.")] = None,  # noqa: UP045
+    root: Annotated[Optional[Path], typer.Option(help="Folder for the nodes' data.")] = None,  # noqa: UP045
+) -> None:
+    """Start a local mesh, shard the default model across it, embed text, stop."""
+    from ._demo import run_demo
+
+    run_demo(nodes, text or list(DEMO_TEXTS), root)
+
+
+DEMO_TEXTS = ("A man is playing a guitar on stage.", "Someone performs music with a guitar.")
 
 
 def main() -> None:

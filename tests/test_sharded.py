@@ -1,5 +1,6 @@
 """Sharded inference across real node processes: exact answers, failover, bad requests."""
 
+import json
 import signal
 import threading
 from pathlib import Path
@@ -13,7 +14,7 @@ from mesh_helpers import identity, mesh_of, peer_ids, wait_until
 from salala.mesh import MeshKey, _auth
 from salala.mesh._host import open_host
 from salala.mesh._serving import PROTOCOL as INFER
-from salala.node import BadRequestError, InvalidInputError, UnknownModelError
+from salala.node import BadRequestError, InvalidInputError, NoRouteError, UnknownModelError
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +79,7 @@ def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path) 
         assert len(stage0) == 2 and len(stage1) == 2
         killed = next(p for p in stage0 if p != ids[0])
         frozen = next(p for p in stage1 if p not in (ids[0], killed))
+        assert set(stage0) - {killed} and set(stage1) - {killed, frozen}, "replicas overlap"
         clients = [n for n, i in zip(nodes, ids, strict=True) if i not in (killed, frozen)][:2]
         victims = {i: n for n, i in zip(nodes, ids, strict=True)}
 
@@ -204,3 +206,35 @@ async def test_malformed_frames_on_the_inference_protocol(deployed: list[NodePro
     still_serving(deployed[1])
     still_serving(deployed[0])
     assert target_id
+
+
+def test_the_cli_deploys_and_shows_where_fragments_live(deployed: list[NodeProcess]) -> None:
+    from test_cli import salala
+
+    done = salala(deployed[1], "deploy", "minilm", "--shards", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    deployed_everywhere(deployed, result["deployment"])
+    table = salala(deployed[0], "mesh", "models")
+    assert result["deployment"] in table.stdout
+    models = json.loads(salala(deployed[0], "mesh", "models", "--json").stdout)
+    assert [len(s["hosts"]) for s in models[0]["stages"]] == [1, 1]
+    run = salala(deployed[0], "run", "minilm", "--text", "hello there", "--text", "hi")
+    assert "Where each fragment ran" in run.stdout
+    bad = salala(deployed[0], "deploy", "minilm", "--codec", "zip")
+    assert bad.returncode == 1 and "unknown codec" in bad.stderr
+
+
+def test_without_a_route_the_error_names_the_missing_fragment(deployed: list[NodeProcess]) -> None:
+    """Runs last in this module: it kills the other node."""
+    with deployed[0].client() as client:
+        stages = client.deployments()[0]["stages"]
+    me, _ = identity(deployed[0])
+    lost = next(s for s in stages if me not in s["hosts"])
+    deployed[1].process.kill()
+    deployed[1].process.wait(10)
+    wait_until(lambda: len(peer_ids(deployed[0])) == 1, 15, "the dead node evicted")
+    with deployed[0].client() as client, pytest.raises(NoRouteError) as caught:
+        client.infer("minilm", minilm_inputs())
+    assert lost["fragment"][:12] in str(caught.value)
+    assert f"stage {lost['stage'] + 1}/" in str(caught.value)
