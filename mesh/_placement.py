@@ -120,7 +120,7 @@ def plan_placement(
         )
     # Asked for more shards than peers, some peers take two stages (round robin).
     counts = [shards] if shards else list(range(1, min(len(ranked), fragments, MAX_SHARDS) + 1))
-    options = {}
+    options: dict[int, tuple[float, list[int], list[PeerCapacity]]] = {}
     for n in counts:
         # Fastest first, and the reverse: the first stage often holds the embedding
         # table, which a fast peer with little memory cannot take.

@@ -2,6 +2,7 @@
 model sharded across them. Each node is the same program a device runs, on loopback,
 with mDNS off, in a throwaway data folder unless one is given."""
 
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def run_demo(count: int, texts: list[str], root: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="salala-demo-") as scratch:
         base = root or Path(scratch)
         key = MeshKey.generate()
-        processes, dirs = [], []
+        processes: list[subprocess.Popen[bytes]] = []
+        dirs: list[Path] = []
         try:
             for i in range(count):
                 data_dir = base / f"node-{i}"
