@@ -30,6 +30,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 bench: install
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench
 
 lint: install

@@ -12,13 +12,14 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import local, mesh_join
+from . import inference, local, mesh_join
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
     "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
+    "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
 }
 
 
@@ -42,8 +43,13 @@ def main(names: list[str]) -> None:
     for name in names or list(BENCHMARKS):
         title, run = BENCHMARKS[name]
         rows = run()
+        extra: dict[str, Any] = {}
+        if name == "inference":
+            extra["targets"] = inference.targets(rows)
+            inference.plot(rows, RESULTS / "inference.png")
+            console.print(extra["targets"])
         (RESULTS / f"{name}.json").write_text(
-            json.dumps({"title": title, "machine": machine, "rows": rows}, indent=2)
+            json.dumps({"title": title, "machine": machine, "rows": rows, **extra}, indent=2)
         )
         console.print(_table(title, rows))
         console.print(f"results: {RESULTS / f'{name}.json'}")
