@@ -12,19 +12,16 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from salala.mesh import MeshKey
 from salala.models import ModelStore, builtin_models, split_stored
-from salala.node import Client, connect
-from salala.node._launch import spawn_node, wait_ready
+from salala.node import connect
+from salala.node._launch import local_mesh
 from salala.runtime import ModelSession
 
-from ._node import LOOPBACK
 from ._stats import summarize, time_calls
 
 IN_FLIGHT = 8
@@ -80,31 +77,6 @@ def _throughput(make_call: Callable[[], Callable[[], object]], requests: int) ->
     return round(requests / (time.perf_counter() - started), 2)
 
 
-@contextmanager
-def _mesh(root: Path, count: int, threads: int | None) -> Iterator[list[Path]]:
-    key = MeshKey.generate()
-    extra = ["--threads", str(threads)] if threads else []
-    processes, dirs = [], []
-    try:
-        for i in range(count):
-            data_dir = root / f"n{i}"
-            args = [*LOOPBACK, "--mesh-key", str(key), *extra]
-            if dirs:
-                with connect(dirs[0]) as first:
-                    args += ["--peer", first.status()["addrs"][0]]
-            processes.append(spawn_node(data_dir, args))
-            wait_ready(data_dir, processes[-1])
-            dirs.append(data_dir)
-        while not all(len(connect(d).peers()) == count for d in dirs):
-            time.sleep(0.2)
-        yield dirs
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(30)
-
-
 def _mesh_rows(
     name: str,
     path: Path,
@@ -114,10 +86,12 @@ def _mesh_rows(
     nodes: int,
     threads: int | None = None,
 ) -> dict[str, Any]:
+    extra = ["--threads", str(threads)] if threads else []
     with (
         tempfile.TemporaryDirectory(prefix="salala-bench-") as tmp,
-        _mesh(Path(tmp), nodes, threads) as dirs,
+        local_mesh(Path(tmp), nodes, extra) as mesh,
     ):
+        dirs = [node.data_dir for node in mesh]
         with connect(dirs[0]) as client:
             client.add_model(path, "bench")
             deployment = client.deploy("bench", shards=nodes)
@@ -126,7 +100,7 @@ def _mesh_rows(
             latency = summarize(time_calls(lambda: client.infer("bench", feeds), samples))
 
         def make_call() -> Callable[[], object]:
-            client = Client(connect(dirs[0]).data_dir)
+            client = connect(dirs[0])
             return lambda: client.infer("bench", feeds)
 
         rate = _throughput(make_call, requests)

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 from salala.mesh import MeshKey
 from salala.node import connect
-from salala.node._launch import spawn_node, wait_ready
+from salala.node._launch import local_mesh, spawn_node, wait_ready
 
 from ._node import LOOPBACK
 from ._stats import summarize
@@ -41,23 +41,11 @@ def _start(data_dir: Path, key: MeshKey, bootstrap: str | None) -> subprocess.Po
 
 
 def _one_size(root: Path, size: int) -> dict[str, Any]:
-    key = MeshKey.generate()
-    processes: list[subprocess.Popen[bytes]] = []
-    dirs: list[Path] = []
-    try:
-        for i in range(size):
-            data_dir = root / f"m{size}-{i}"
-            bootstrap = None
-            if dirs:
-                with connect(dirs[0]) as client:
-                    bootstrap = client.status()["addrs"][0]
-            processes.append(_start(data_dir, key, bootstrap))
-            wait_ready(data_dir, processes[-1])
-            dirs.append(data_dir)
+    with local_mesh(root / f"mesh-{size}", size) as nodes:
+        dirs = [node.data_dir for node in nodes]
+        key = MeshKey.parse((dirs[0] / "mesh.key").read_text())
         with connect(dirs[0]) as client:
             bootstrap = client.status()["addrs"][0]
-        while not all(len(connect(d).peers()) == size for d in dirs):
-            time.sleep(0.2)
 
         ready_ms, listed_ms = [], []
         for trial in range(TRIALS):
@@ -75,7 +63,7 @@ def _one_size(root: Path, size: int) -> dict[str, Any]:
             process.wait(30)
 
         time.sleep(8)  # let the departed joiners be evicted; measure a settled mesh
-        handles = [psutil.Process(p.pid) for p in processes]
+        handles = [psutil.Process(node.process.pid) for node in nodes]
         before = [h.cpu_times() for h in handles]
         time.sleep(IDLE_WINDOW_S)
         cpu = [
@@ -85,29 +73,24 @@ def _one_size(root: Path, size: int) -> dict[str, Any]:
             for h, b in zip(handles, before, strict=True)
         ]
         rss = [h.memory_info().rss / 2**20 for h in handles]
-        listed = summarize(listed_ms)
-        return {
-            "mesh": size,
-            "ready_p50_ms": summarize(ready_ms)["p50_ms"],
-            "listed_p50_ms": listed["p50_ms"],
-            "listed_p95_ms": listed["p95_ms"],
-            "after_ready_p50_ms": round(
-                statistics.median(
-                    seen - ready for seen, ready in zip(listed_ms, ready_ms, strict=True)
-                ),
-                1,
+    listed = summarize(listed_ms)
+    return {
+        "mesh": size,
+        "ready_p50_ms": summarize(ready_ms)["p50_ms"],
+        "listed_p50_ms": listed["p50_ms"],
+        "listed_p95_ms": listed["p95_ms"],
+        "after_ready_p50_ms": round(
+            statistics.median(
+                seen - ready for seen, ready in zip(listed_ms, ready_ms, strict=True)
             ),
-            "idle_cpu_pct_mean": round(statistics.mean(cpu), 2),
-            "idle_cpu_pct_max": round(max(cpu), 2),
-            "rss_mib_mean": round(statistics.mean(rss), 1),
-            "rss_mib_max": round(max(rss), 1),
-            "trials": TRIALS,
-        }
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(30)
+            1,
+        ),
+        "idle_cpu_pct_mean": round(statistics.mean(cpu), 2),
+        "idle_cpu_pct_max": round(max(cpu), 2),
+        "rss_mib_mean": round(statistics.mean(rss), 1),
+        "rss_mib_max": round(max(rss), 1),
+        "trials": TRIALS,
+    }
 
 
 def run() -> list[dict[str, Any]]:

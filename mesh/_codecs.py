@@ -16,6 +16,23 @@ from typing import Any
 import numpy as np
 
 CODECS = ("raw", "fp16", "int8")
+# Tensor dtypes that may cross any wire (the local API or between peers).
+WIRE_DTYPES = frozenset(
+    [
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    ]
+)
 OUTLIER_CHANNELS = 8
 
 

@@ -21,20 +21,6 @@ from ._wire import HEADER, read_exactly
 
 MAX_HEADER = 1 << 20
 CHUNK = 4 << 20
-_DTYPES = {
-    "float16",
-    "float32",
-    "float64",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "bool",
-}
 
 
 def encode_frame(
@@ -86,7 +72,7 @@ def payload_size(header: dict[str, Any]) -> int:
             raise WireError("tensor entries must be maps")
         try:
             layout = _codecs.part_layout(tensor)
-            if tensor["dtype"] not in _DTYPES:
+            if tensor["dtype"] not in _codecs.WIRE_DTYPES:
                 raise WireError(f"tensor {tensor.get('name')!r} has unsupported dtype")
             sizes = tensor["sizes"]
             expected = [

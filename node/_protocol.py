@@ -14,26 +14,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..mesh._codecs import WIRE_DTYPES as ALLOWED_DTYPES  # one list for every wire
 from ._errors import BadRequestError
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_LIMIT = HEADER.size + 0xFFFFFFFF
-ALLOWED_DTYPES = frozenset(
-    [
-        "float16",
-        "float32",
-        "float64",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "bool",
-    ]
-)
 
 
 def pack_frame(message: Mapping[str, Any]) -> bytes:
