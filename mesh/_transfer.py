@@ -58,7 +58,8 @@ async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> No
         while chunk := await trio.to_thread.run_sync(source.read, CHUNK):
             with trio.fail_after(STALL_TIMEOUT_S):
                 await stream.write(chunk)
-    await stream.close()
+    with trio.move_on_after(STALL_TIMEOUT_S):
+        await stream.close()
 
 
 async def _fetch_from(
@@ -108,15 +109,21 @@ async def fetch_object(
     incoming.mkdir(exist_ok=True)
     part = incoming / f"{sha256}.part"
     failures = []
-    for peer_id in [s for s in sources if s != mesh.peer_id]:
+    attempts = [s for s in sources if s != mesh.peer_id]
+    for index, peer_id in enumerate(attempts):
+        resumed = part.stat().st_size if part.exists() else 0
+        if resumed:
+            log.info("resuming fragment %s at byte %d", sha256[:12], resumed)
         try:
             await _fetch_from(mesh, peer_id, sha256, part, progress)
         except (MeshError, WireError, OSError, trio.TooSlowError) as exc:
             failures.append(f"{short_id(peer_id)}: {exc}")
             continue
         if await trio.to_thread.run_sync(_sha256_of, part) != sha256:
-            part.unlink()  # corrupt or not what we asked for: start over elsewhere
-            failures.append(f"{short_id(peer_id)}: sent bytes that do not hash to {sha256[:12]}")
+            part.unlink()  # corrupt or not what we asked for: start over
+            failures.append(f"{short_id(peer_id)}: bytes do not hash to {sha256[:12]}")
+            if resumed:  # the kept prefix may have been the bad part: once more, whole
+                attempts.insert(index + 1, peer_id)
             continue
         model_file = incoming / sha256 / MODEL_FILE
         model_file.parent.mkdir(exist_ok=True)

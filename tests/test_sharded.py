@@ -1,5 +1,6 @@
 """Sharded inference across real node processes: exact answers, failover, bad requests."""
 
+import hashlib
 import json
 import signal
 import threading
@@ -9,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import trio
-from conftest import NodeProcess, minilm_inputs, minilm_path
+from conftest import NodeProcess, minilm_inputs, minilm_path, start_node
 from mesh_helpers import identity, mesh_of, peer_ids, wait_until
 from salala.mesh import MeshKey, _auth
 from salala.mesh._host import open_host
@@ -238,3 +239,39 @@ def test_without_a_route_the_error_names_the_missing_fragment(deployed: list[Nod
         client.infer("minilm", minilm_inputs())
     assert lost["fragment"][:12] in str(caught.value)
     assert f"stage {lost['stage'] + 1}/" in str(caught.value)
+
+
+def test_fragment_transfers_resume_and_are_verified(tmp_path: Path) -> None:
+    """A host holding the first half of a fragment fetches only the rest; one holding a
+    corrupt prefix starts over; either way the object that lands hashes right."""
+    with mesh_of(tmp_path, 2) as nodes:
+        formed(nodes)
+        with nodes[0].client() as client:
+            first = client.deploy("minilm", shards=2)
+        fragments = [s["fragment"] for s in first["stages"]]
+        late = start_node(
+            tmp_path / "late", "--mesh-key", _key(nodes[0]), "--peer", identity(nodes[0])[1]
+        )
+        nodes.append(late)
+        formed(nodes)
+        incoming = late.data_dir / "store" / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        source = nodes[0].data_dir / "store" / "objects"
+        good, bad = (source / f / "model.onnx" for f in fragments)
+        (incoming / f"{fragments[0]}.part").write_bytes(
+            good.read_bytes()[: good.stat().st_size // 2]
+        )
+        (incoming / f"{fragments[1]}.part").write_bytes(b"\0" * (bad.stat().st_size // 2))
+        with nodes[0].client() as client:
+            second = client.deploy("minilm", shards=2, replicas=3)
+        assert [s["fragment"] for s in second["stages"]] == fragments
+        assert all(identity(late)[0] in s["peers"] for s in second["stages"])
+        for fragment in fragments:
+            stored = late.data_dir / "store" / "objects" / fragment / "model.onnx"
+            assert hashlib.sha256(stored.read_bytes()).hexdigest() == fragment
+        assert not list(incoming.glob("*.part"))
+        assert late.log().count("resuming fragment") >= 2
+
+
+def _key(node: NodeProcess) -> str:
+    return (node.data_dir / "mesh.key").read_text().strip()
