@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 ATTEMPT_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 8
 WATCH_S = 0.2
+ROUTE_WAIT_S = 5.0  # two membership exchanges, plus slack
 RETRYABLE = {"unreachable", "not_hosted", "internal"}
 
 
@@ -118,6 +119,18 @@ class Router:
             route.append(min(usable, key=self._preference))
         return route
 
+    async def _route_soon(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
+        """A route now, or within ROUTE_WAIT_S: a stage just deployed (or a replica that just
+        rejoined) reaches this node's table with the next membership exchange."""
+        with trio.move_on_after(ROUTE_WAIT_S):
+            while True:
+                try:
+                    return self._route(model, deployment, avoid)
+                except NoRouteError:
+                    await trio.sleep(WATCH_S)
+                    deployment = self.deployments().get(model, deployment)
+        return self._route(model, deployment, avoid)
+
     def _preference(self, peer_id: str) -> tuple[int, float]:
         if peer_id == self.mesh.peer_id:
             return (self._in_flight[peer_id], -1.0)
@@ -147,7 +160,7 @@ class Router:
                 deployment = self.deployments().get(model)
                 if deployment is None:
                     raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
-                route = self._route(model, deployment, avoid)
+                route = await self._route_soon(model, deployment, avoid)
                 pending.header = {"attempt": attempt}
                 header = {
                     "kind": "infer",

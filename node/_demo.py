@@ -25,4 +25,4 @@ def run_demo(count: int, texts: list[str], root: Path | None) -> None:
                 deployment = node.deploy(DEFAULT_MODEL, shards=count)
             stages = ", ".join(f"{s['stage']}→{s['peers'][0][-8:]}" for s in deployment["stages"])
             console.print(f"deployed {deployment['deployment']}: {stages}")
-            run_text(DEFAULT_MODEL, texts, nodes[-1].data_dir, as_json=False)
+            run_text(DEFAULT_MODEL, texts, nodes[0].data_dir, as_json=False)
