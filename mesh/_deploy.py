@@ -97,15 +97,22 @@ class Deployer:
             )
         return peers
 
-    async def _host_on(self, peer_id: str, entry: ServingEntry, progress: DeployProgress) -> None:
+    async def _host_on(
+        self,
+        peer_id: str,
+        entry: ServingEntry,
+        progress: DeployProgress,
+        sources: list[str] | None = None,
+    ) -> None:
         label = {"stage": entry.stage, "peer": short_id(peer_id), "fragment": entry.fragment[:12]}
+        sources = sources or [self.mesh.peer_id]
         if peer_id == self.mesh.peer_id:
-            await self.server.host(entry, [self.mesh.peer_id])
+            await self.server.host(entry, sources)
             progress({**label, "state": "ready"})
             return
         stream = await self.mesh.open_stream(peer_id, PROTOCOL)
         try:
-            await write_message(stream, {"entry": entry.to_dict(), "sources": [self.mesh.peer_id]})
+            await write_message(stream, {"entry": entry.to_dict(), "sources": sources})
             with trio.fail_after(HOST_TIMEOUT_S):
                 while True:
                     reply = await read_message(stream, timeout=HOST_TIMEOUT_S)
@@ -206,6 +213,28 @@ class Deployer:
                 for e, f, s in zip(entries, plan.fragments, placement.stages, strict=True)
             ],
         }
+
+    async def rehost(self, entry: ServingEntry, avoid: set[str]) -> str:
+        """Host a stage whose every replica is gone on the fastest live peer that can
+        fetch its fragment from someone; returns that peer."""
+        live = [
+            m
+            for m in self.mesh.membership.members()
+            if self.mesh.is_live(m.advert.peer_id) and m.advert.peer_id not in avoid
+        ]
+        sources = [m.advert.peer_id for m in live if entry.fragment in m.advert.fragments]
+        if not sources:
+            raise DeployError(f"no live peer holds fragment {entry.fragment[:12]}")
+        ranked = sorted(live, key=lambda m: -float(m.advert.capacity.get("gflops") or 0))
+        failures = []
+        for member in ranked:
+            peer_id = member.advert.peer_id
+            try:
+                await self._host_on(peer_id, entry, lambda event: None, sources)
+                return peer_id
+            except (MeshError, trio.TooSlowError) as exc:
+                failures.append(f"{short_id(peer_id)}: {exc}")
+        raise DeployError(f"no peer could take stage {entry.stage}: {'; '.join(failures)}")
 
     async def _until_visible(self, model: str, deployment: str) -> None:
         """Wait until our own membership table shows every stage hosted."""

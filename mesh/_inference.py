@@ -34,6 +34,7 @@ async def open_inference(
     server = StageServer(mesh, store, threads, compute, max_payload)
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
+    router.rehost = deployer.rehost
     mesh.handle(_transfer.PROTOCOL, partial(_transfer.serve_fetch, store))
     mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
     async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ an earlier attempt is dropped, so the caller gets each answer exactly once.
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,10 @@ RETRYABLE = {"unreachable", "not_hosted", "internal"}
 
 class NoRouteError(MeshError):
     """Some stage of the deployment has no live peer."""
+
+    def __init__(self, message: str, entry: "ServingEntry | None" = None) -> None:
+        super().__init__(message)
+        self.entry = entry
 
 
 class UnknownDeploymentError(MeshError, LookupError):
@@ -66,6 +71,8 @@ class Router:
         self.mesh = mesh
         self.server = server
         server.on_reply = self._on_reply
+        # Set by the deployer: host a stage that lost every replica on another live peer.
+        self.rehost: Callable[[ServingEntry, set[str]], Awaitable[str]] | None = None
         self._pending: dict[str, _Pending] = {}
         self._in_flight: Counter[str] = Counter()
 
@@ -114,7 +121,8 @@ class Router:
             if not usable:
                 raise NoRouteError(
                     f"no live peer holds stage {entry.stage + 1}/{entry.stages} of {model} "
-                    f"(fragment {entry.fragment[:12]})"
+                    f"(fragment {entry.fragment[:12]})",
+                    entry,
                 )
             route.append(min(usable, key=self._preference))
         return route
@@ -122,14 +130,27 @@ class Router:
     async def _route_soon(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
         """A route now, or within ROUTE_WAIT_S: a stage just deployed (or a replica that just
         rejoined) reaches this node's table with the next membership exchange."""
-        with trio.move_on_after(ROUTE_WAIT_S):
-            while True:
+        replanned: set[int] = set()
+        while True:
+            with trio.move_on_after(ROUTE_WAIT_S):
+                while True:
+                    try:
+                        return self._route(model, deployment, avoid)
+                    except NoRouteError:
+                        await trio.sleep(WATCH_S)
+                        deployment = self.deployments().get(model, deployment)
+            try:
+                return self._route(model, deployment, avoid)
+            except NoRouteError as exc:
+                entry = exc.entry
+                if entry is None or self.rehost is None or entry.stage in replanned:
+                    raise
+                replanned.add(entry.stage)
                 try:
-                    return self._route(model, deployment, avoid)
-                except NoRouteError:
-                    await trio.sleep(WATCH_S)
-                    deployment = self.deployments().get(model, deployment)
-        return self._route(model, deployment, avoid)
+                    peer_id = await self.rehost(entry, avoid)
+                except MeshError as why:
+                    raise NoRouteError(f"{exc}; re-planning it failed: {why}", entry) from why
+                log.info("stage %d of %s re-planned onto %s", entry.stage, model, short_id(peer_id))
 
     def _preference(self, peer_id: str) -> tuple[int, float]:
         if peer_id == self.mesh.peer_id:

@@ -226,19 +226,40 @@ def test_the_cli_deploys_and_shows_where_fragments_live(deployed: list[NodeProce
     assert bad.returncode == 1 and "unknown codec" in bad.stderr
 
 
-def test_without_a_route_the_error_names_the_missing_fragment(deployed: list[NodeProcess]) -> None:
-    """Runs last in this module: it kills the other node."""
+def test_a_stage_that_lost_every_host_is_re_planned(deployed: list[NodeProcess]) -> None:
+    """Runs last among the tests sharing this mesh: it kills the other node. The deployer
+    still holds every fragment, so it takes over the lost stage and answers."""
+    me, _ = identity(deployed[0])
     with deployed[0].client() as client:
         stages = client.deployments()[0]["stages"]
-    me, _ = identity(deployed[0])
-    lost = next(s for s in stages if me not in s["hosts"])
+    assert any(me not in s["hosts"] for s in stages)
     deployed[1].process.kill()
     deployed[1].process.wait(10)
     wait_until(lambda: len(peer_ids(deployed[0])) == 1, 15, "the dead node evicted")
-    with deployed[0].client() as client, pytest.raises(NoRouteError) as caught:
-        client.infer("minilm", minilm_inputs())
-    assert lost["fragment"][:12] in str(caught.value)
-    assert f"stage {lost['stage'] + 1}/" in str(caught.value)
+    feeds = minilm_inputs(seed=4)
+    with deployed[0].client() as client:
+        outputs, route = client.infer_traced("minilm", feeds)
+    assert np.abs(outputs["last_hidden_state"] - reference(feeds)).max() <= 1e-5
+    assert {hop["peer"] for hop in route} == {me}
+
+
+def test_without_a_route_the_error_names_the_missing_fragment(tmp_path: Path) -> None:
+    """The deployer dies with the only copy of a stage's fragment: nothing to re-plan."""
+    with mesh_of(tmp_path, 2) as nodes:
+        formed(nodes)
+        with nodes[1].client() as client:
+            deployment = client.deploy("minilm", shards=2)
+        stages = deployment["stages"]
+        deployed_everywhere(nodes, deployment["deployment"])
+        deployer, _ = identity(nodes[1])
+        lost = next(s for s in stages if s["peers"] == [deployer])
+        nodes[1].process.kill()
+        nodes[1].process.wait(10)
+        wait_until(lambda: len(peer_ids(nodes[0])) == 1, 15, "the deployer evicted")
+        with nodes[0].client() as client, pytest.raises(NoRouteError) as caught:
+            client.infer("minilm", minilm_inputs())
+        assert lost["fragment"][:12] in str(caught.value)
+        assert f"stage {lost['stage'] + 1}/2" in str(caught.value)
 
 
 def test_fragment_transfers_resume_and_are_verified(tmp_path: Path) -> None:
