@@ -33,8 +33,13 @@ class Membership:
         self._members: dict[str, Member] = {own.peer_id: Member(own, now)}
         self._tombstones: dict[str, tuple[int, int]] = {}
 
-    def apply(self, advert: Advert, now: float) -> Change:
-        """Take in an advert (direct or relayed) if it is newer than what we know."""
+    def apply(self, advert: Advert, now: float, direct: bool = False) -> Change:
+        """Take in an advert if it is newer than what we know.
+
+        ``direct`` means the member itself just sent it over an authenticated exchange:
+        proof that it is alive now, so it lifts a tombstone even without a newer seq (a
+        frozen peer that thaws keeps its old seq until something changes).
+        """
         if advert.peer_id == self.own_id:
             return Change.STALE
         current = self._members.get(advert.peer_id)
@@ -52,7 +57,7 @@ class Membership:
                 current.rtt_ms = None
             return change
         tombstone = self._tombstones.get(advert.peer_id)
-        if tombstone is not None and advert.version <= tombstone:
+        if tombstone is not None and advert.version <= tombstone and not direct:
             return Change.STALE
         self._tombstones.pop(advert.peer_id, None)
         self._members[advert.peer_id] = Member(advert, now)

@@ -236,7 +236,7 @@ class Mesh:
             except WireError as exc:
                 log.debug("ignoring advert from %s: %s", via, exc)
                 continue
-            change = self.membership.apply(advert, now)
+            change = self.membership.apply(advert, now, direct=advert.peer_id == via)
             if change in (Change.NEW, Change.RESTARTED):
                 log.info(
                     "peer %s (%s) %s",
@@ -391,7 +391,12 @@ class Mesh:
 
     def _maintain(self, nursery: trio.Nursery) -> None:
         now = trio.current_time()
-        for peer_id in self.membership.evict_silent(now, SILENT_S):
+        evicted = self.membership.evict_silent(now, SILENT_S)
+        if evicted:
+            # A newer advert of ours outranks the tombstone anyone may have made of us
+            # meanwhile (after a freeze, everyone looked silent to us, and we to them).
+            self.refresh()
+        for peer_id in evicted:
             log.info("peer %s evicted: silent for %.0f s", peer_id[-8:], SILENT_S)
             self._authenticated.discard(peer_id)
             scope = self._sessions.pop(peer_id, None)

@@ -143,6 +143,17 @@ def test_an_evicted_member_returns_only_with_a_newer_advert() -> None:
     assert table.apply(restarted, now=31.0) is Change.NEW
 
 
+def test_an_evicted_member_that_speaks_to_us_directly_is_back() -> None:
+    """A frozen peer that thaws keeps its old seq; its own word over a live exchange counts."""
+    own, _ = make_advert()
+    table = Membership(own, now=0.0)
+    peer, _ = make_advert(seq=5)
+    table.apply(peer, now=0.0)
+    table.evict_silent(now=10.0, silent_for=6.0)
+    assert table.apply(peer, now=11.0) is Change.STALE  # relayed by someone else
+    assert table.apply(peer, now=12.0, direct=True) is Change.NEW
+
+
 def test_a_restart_is_a_new_incarnation() -> None:
     own, _ = make_advert()
     table = Membership(own, now=0.0)

@@ -212,7 +212,7 @@ async def test_malformed_frames_on_the_inference_protocol(deployed: list[NodePro
 def test_the_cli_deploys_and_shows_where_fragments_live(deployed: list[NodeProcess]) -> None:
     from test_cli import salala
 
-    done = salala(deployed[1], "deploy", "minilm", "--shards", "2", "--json")
+    done = salala(deployed[0], "deploy", "minilm", "--shards", "2", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     deployed_everywhere(deployed, result["deployment"])
