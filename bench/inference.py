@@ -23,6 +23,7 @@ from salala.node._launch import local_mesh
 from salala.runtime import ModelSession
 
 from ._stats import summarize, time_calls
+from .local import minilm_inputs
 
 IN_FLIGHT = 8
 
@@ -33,22 +34,13 @@ def _ocr_det() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models/ch_PP-OCRv4_det_infer.onnx"
 
 
-def _minilm_inputs() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "input_ids": rng.integers(1000, 30000, (1, 128), dtype=np.int64),
-        "attention_mask": np.ones((1, 128), dtype=np.int64),
-        "token_type_ids": np.zeros((1, 128), dtype=np.int64),
-    }
-
-
 def _det_inputs() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)}
 
 
 # name -> (model file, inputs, latency samples, throughput requests)
 MODELS: dict[str, tuple[Callable[[], Path], Callable[[], dict[str, np.ndarray]], int, int]] = {
-    "minilm (int8, 128 tokens)": (lambda: builtin_models()["minilm"], _minilm_inputs, 100, 160),
+    "minilm (int8, 128 tokens)": (lambda: builtin_models()["minilm"], minilm_inputs, 100, 160),
     "PP-OCRv4 det (640x640)": (_ocr_det, _det_inputs, 20, 40),
 }
 

@@ -36,14 +36,12 @@ _SERVING_FIELDS: dict[str, type | tuple[type, ...]] = {
     "created": int,
     "model": str,
     "stage": int,
-    "stages": int,
-    "fragment": str,
-    "fragments": list,
     "codec": str,
-    "inputs": list,
-    "outputs": list,
+    "plan": list,
 }
+_PLAN_FIELDS = {"fragment", "inputs", "outputs"}
 MAX_SERVING = 256
+MAX_STAGES = 64
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -125,12 +123,18 @@ def check_serving(value: Any) -> tuple[dict[str, Any], ...]:
             )
         for name, kind in _SERVING_FIELDS.items():
             _check(entry[name], kind, f"serving.{name}")
-        if not all(
-            isinstance(n, str) for n in [*entry["inputs"], *entry["outputs"], *entry["fragments"]]
-        ):
-            raise WireError("serving inputs, outputs and fragments must be strings")
-        if len(entry["fragments"]) != entry["stages"] or not 0 <= entry["stage"] < entry["stages"]:
-            raise WireError("a serving entry's stage must lie within its fragments")
+        plan = entry["plan"]
+        if not 0 < len(plan) <= MAX_STAGES or not 0 <= entry["stage"] < len(plan):
+            raise WireError(f"a serving entry's stage must lie within its 1-{MAX_STAGES} stages")
+        for stage in plan:
+            if (
+                not isinstance(stage, dict)
+                or set(stage) != _PLAN_FIELDS
+                or not isinstance(stage["fragment"], str)
+                or not all(isinstance(stage[k], list) for k in ("inputs", "outputs"))
+                or not all(isinstance(n, str) for n in [*stage["inputs"], *stage["outputs"]])
+            ):
+                raise WireError("each planned stage names its fragment, inputs and outputs")
     return tuple(value)
 
 

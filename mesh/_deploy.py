@@ -153,21 +153,11 @@ class Deployer:
         )
         created = time.time_ns() // 1_000_000
         deployment = f"{stored.name}@{created}"
-        entries = [
-            ServingEntry(
-                deployment,
-                created,
-                stored.name,
-                i,
-                len(plan.fragments),
-                f.sha256,
-                [g.sha256 for g in plan.fragments],
-                codec,
-                f.inputs,
-                f.outputs,
-            )
-            for i, f in enumerate(plan.fragments)
+        stage_plan = [
+            {"fragment": f.sha256, "inputs": f.inputs, "outputs": f.outputs} for f in plan.fragments
         ]
+        first = ServingEntry(deployment, created, stored.name, 0, codec, stage_plan)
+        entries = [first.for_stage(i) for i in range(len(stage_plan))]
         progress(
             {
                 "state": "planned",

@@ -91,28 +91,13 @@ class Router:
                 hosted.setdefault((entry.deployment, entry.stage), (entry, []))[1].append(peer_id)
         result = {}
         for model, (_, deployment) in newest.items():
-            stages = [
-                hosted.get((deployment, i)) for i in range(self._stage_count(hosted, deployment))
-            ]
-            template = next(s for s in stages if s is not None)[0]
-            entries = [s[0] if s else None for s in stages]
+            template = next(e for (dep, _), (e, _) in hosted.items() if dep == deployment)
+            stages = [hosted.get((deployment, i)) for i in range(template.stages)]
             result[model] = Deployment(
-                entries=[
-                    e
-                    or ServingEntry(
-                        **{**template.to_dict(), "stage": i, "fragment": template.fragments[i]}
-                    )
-                    for i, e in enumerate(entries)
-                ],
-                hosts=[s[1] if s else [] for s in stages],
+                entries=[template.for_stage(i) for i in range(template.stages)],
+                hosts=[found[1] if found else [] for found in stages],
             )
         return result
-
-    @staticmethod
-    def _stage_count(
-        hosted: dict[tuple[str, int], tuple[ServingEntry, list[str]]], deployment: str
-    ) -> int:
-        return next(entry.stages for (dep, _), (entry, _) in hosted.items() if dep == deployment)
 
     def _route(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
         route = []
@@ -127,21 +112,21 @@ class Router:
             route.append(min(usable, key=self._preference))
         return route
 
-    async def _route_soon(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
+    async def _route_soon(
+        self, model: str, deployment: Deployment, avoid: set[str]
+    ) -> tuple[Deployment, list[str]]:
         """A route now, or within ROUTE_WAIT_S: a stage just deployed (or a replica that just
         rejoined) reaches this node's table with the next membership exchange."""
         replanned: set[int] = set()
+        deadline = trio.current_time() + ROUTE_WAIT_S
         while True:
-            with trio.move_on_after(ROUTE_WAIT_S):
-                while True:
-                    try:
-                        return self._route(model, deployment, avoid)
-                    except NoRouteError:
-                        await trio.sleep(WATCH_S)
-                        deployment = self.deployments().get(model, deployment)
             try:
-                return self._route(model, deployment, avoid)
+                return deployment, self._route(model, deployment, avoid)
             except NoRouteError as exc:
+                if trio.current_time() < deadline:
+                    await trio.sleep(WATCH_S)
+                    deployment = self.deployments().get(model, deployment)
+                    continue
                 entry = exc.entry
                 if entry is None or self.rehost is None or entry.stage in replanned:
                     raise
@@ -151,6 +136,7 @@ class Router:
                 except MeshError as why:
                     raise NoRouteError(f"{exc}; re-planning it failed: {why}", entry) from why
                 log.info("stage %d of %s re-planned onto %s", entry.stage, model, short_id(peer_id))
+                deadline = trio.current_time() + ROUTE_WAIT_S  # its advert is on the way
 
     def _preference(self, peer_id: str) -> tuple[int, float]:
         if peer_id == self.mesh.peer_id:
@@ -181,7 +167,7 @@ class Router:
                 deployment = self.deployments().get(model)
                 if deployment is None:
                     raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
-                route = await self._route_soon(model, deployment, avoid)
+                deployment, route = await self._route_soon(model, deployment, avoid)
                 pending.header = {"attempt": attempt}
                 header = {
                     "kind": "infer",

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,18 +43,34 @@ DEFAULT_MAX_PAYLOAD = 256 << 20
 
 @dataclass(frozen=True)
 class ServingEntry:
-    """One stage of a deployment, as hosts advertise it."""
+    """One stage of a deployment, as hosts advertise it.
+
+    It carries the whole deployment's plan (each stage's fragment, inputs, outputs), so
+    any node can route, name a stage nobody hosts, or hand that stage to a new host
+    from any one host's advert.
+    """
 
     deployment: str
     created: int
     model: str
     stage: int
-    stages: int
-    fragment: str
-    fragments: list[str]  # every stage's, so a missing stage can be named
     codec: str
-    inputs: list[str]
-    outputs: list[str]
+    plan: list[dict[str, Any]]
+
+    @property
+    def stages(self) -> int:
+        return len(self.plan)
+
+    @property
+    def fragment(self) -> str:
+        return str(self.plan[self.stage]["fragment"])
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.plan[self.stage]["inputs"])
+
+    def for_stage(self, stage: int) -> "ServingEntry":
+        return replace(self, stage=stage)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +146,9 @@ class StageServer:
 
     def serving(self) -> list[dict[str, Any]]:
         return [entry.to_dict() for entry in self._hosted.values()]
+
+    def hosted_fragments(self) -> list[str]:
+        return sorted({entry.fragment for entry in self._hosted.values()})
 
     # ---- hosting ---------------------------------------------------------------
 

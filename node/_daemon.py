@@ -91,8 +91,9 @@ async def run_node(
     started: list[Inference] = []  # filled once the mesh is up; adverts read it
 
     def local_state() -> LocalState:
-        serving = started[0].server.serving() if started else []
-        fragments = {*models.held_fragments(store), *(e["fragment"] for e in serving)}
+        server = started[0].server if started else None
+        serving = server.serving() if server else []
+        fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
         return LocalState(runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving)
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core

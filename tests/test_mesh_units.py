@@ -104,6 +104,30 @@ def test_forged_or_malformed_adverts_are_refused(tamper, message: str) -> None:
         advert_from_wire(wire)
 
 
+def test_serving_entries_carry_a_whole_plan() -> None:
+    stage = {"fragment": "ab" * 32, "inputs": ["x", "mask"], "outputs": ["h"]}
+    entry = {
+        "deployment": "m@1",
+        "created": 1,
+        "model": "m",
+        "stage": 1,
+        "codec": "raw",
+        "plan": [stage, {**stage, "outputs": ["y"]}],
+    }
+    advert, key_pair = make_advert()
+    signed = dataclasses.replace(advert, serving=(entry,), sig=b"").signed(key_pair.private_key)
+    assert advert_from_wire(signed.to_wire()).serving == (entry,)
+    for broken in (
+        {**entry, "stage": 2},
+        {**entry, "plan": []},
+        {**entry, "plan": [{"fragment": 1}]},
+        {**entry, "stages": 2},
+    ):
+        bad = dataclasses.replace(advert, serving=(broken,), sig=b"").signed(key_pair.private_key)
+        with pytest.raises(WireError):
+            advert_from_wire(bad.to_wire())
+
+
 def test_an_advert_signed_by_someone_else_is_refused() -> None:
     advert, _ = make_advert()
     impostor = dataclasses.replace(advert, sig=b"").signed(create_new_key_pair().private_key)
