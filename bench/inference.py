@@ -9,6 +9,7 @@ more devices must pay off.
 
 import importlib.util
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -90,6 +91,7 @@ def _mesh_rows(
             while "bench" not in {d["model"] for d in client.deployments()}:
                 time.sleep(0.1)
             latency = summarize(time_calls(lambda: client.infer("bench", feeds), samples))
+            split = _compute_and_overhead(lambda: client.infer_traced("bench", feeds), samples)
 
         def make_call() -> Callable[[], object]:
             client = connect(dirs[0])
@@ -103,8 +105,30 @@ def _mesh_rows(
         "model": name,
         "setup": label,
         **latency,
+        **split,
         "req_per_s": rate,
         "stages": len(deployment["stages"]),
+    }
+
+
+def _compute_and_overhead(
+    call: Callable[[], tuple[object, list[dict[str, Any]]]], samples: int
+) -> dict[str, float]:
+    """Median milliseconds inside the stages' sessions and outside them (API, hops, queues).
+
+    The second number is what the mesh adds to the model itself, whatever the split.
+    """
+    inside, outside = [], []
+    for _ in range(samples):
+        started = time.perf_counter()
+        _, route = call()
+        total = (time.perf_counter() - started) * 1000
+        stages = sum(step["ms"] for step in route)
+        inside.append(stages)
+        outside.append(total - stages)
+    return {
+        "stage_ms": round(statistics.median(inside), 3),
+        "overhead_ms": round(statistics.median(outside), 3),
     }
 
 
@@ -210,6 +234,8 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "2 single-thread nodes / 1 single-thread node, 8 in flight (target >= 1.7)": round(
             two_t["req_per_s"] / one_t["req_per_s"], 3
         ),
+        "mesh 3-node time outside the sessions, ms (a 1.15x budget allows "
+        f"{0.15 * whole['p50_ms']:.1f})": three["overhead_ms"],
         "mesh 3-node p50 / Ray p50 (target <= 1)": round(three["p50_ms"] / ray_row["p50_ms"], 3)
         if ray_row.get("p50_ms")
         else None,

@@ -23,3 +23,9 @@ from ._placement import PlacementError as PlacementError
 from ._router import NoRouteError as NoRouteError
 from ._router import StageRefusal as StageRefusal
 from ._router import UnknownDeploymentError as UnknownDeploymentError
+from ._train_driver import Training as Training
+from ._train_driver import TrainingError as TrainingError
+from ._train_driver import open_training as open_training
+from ._train_job import JobError as JobError
+from ._train_job import TrainJob as TrainJob
+from ._train_job import parse_job as parse_job

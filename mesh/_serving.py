@@ -81,10 +81,11 @@ class LinkError(MeshError):
 
 
 class Links:
-    """One outbound infer stream per peer, written by one sender at a time."""
+    """One outbound stream per peer for one protocol, written by one sender at a time."""
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Mesh, protocol: TProtocol = PROTOCOL) -> None:
         self._mesh = mesh
+        self._protocol = protocol
         self._streams: dict[str, INetStream] = {}
         self._locks: dict[str, trio.Lock] = {}
 
@@ -94,7 +95,7 @@ class Links:
                 stream = self._streams.get(peer_id)
                 try:
                     if stream is None or fresh:
-                        stream = await self._mesh.open_stream(peer_id, PROTOCOL)
+                        stream = await self._mesh.open_stream(peer_id, self._protocol)
                         self._streams[peer_id] = stream
                     await write_frame(stream, head, views, WRITE_TIMEOUT_S)
                     return

@@ -1,11 +1,19 @@
-"""ONNX graph work: checking, storing by hash, splitting into fragments, text encoding."""
+"""ONNX graph work: checking, storing by hash, splitting into fragments, text encoding,
+and training packages. ``export_training`` and ``export_digits`` import torch when
+called (the ``export`` extra); nothing else here needs it."""
 
 from ._builtin import DEFAULT_MODEL as DEFAULT_MODEL
 from ._builtin import builtin_models as builtin_models
+from ._digits import Dataset as Dataset
+from ._digits import batch_indices as batch_indices
+from ._digits import digits_mlp as digits_mlp
+from ._digits import export_digits as export_digits
+from ._digits import load_digits as load_digits
 from ._errors import InvalidModelError as InvalidModelError
 from ._errors import ModelError as ModelError
 from ._errors import SplitError as SplitError
 from ._errors import UnknownModelError as UnknownModelError
+from ._export_training import export_training as export_training
 from ._fragments import Fragment as Fragment
 from ._fragments import SplitPlan as SplitPlan
 from ._fragments import held_fragments as held_fragments
@@ -18,6 +26,11 @@ from ._split import split_graph as split_graph
 from ._store import MODEL_FILE as MODEL_FILE
 from ._store import ModelStore as ModelStore
 from ._store import StoredModel as StoredModel
+from ._store import check_name as check_name
 from ._text import TokenizerMissingError as TokenizerMissingError
 from ._text import encode_texts as encode_texts
 from ._text import sentence_embeddings as sentence_embeddings
+from ._training import TrainingFragment as TrainingFragment
+from ._training import TrainingPackage as TrainingPackage
+from ._training import compose_inference as compose_inference
+from ._training import load_package as load_package

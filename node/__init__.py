@@ -14,6 +14,7 @@ from ._errors import CannotDeployError as CannotDeployError
 from ._errors import CannotSplitError as CannotSplitError
 from ._errors import ConfigError as ConfigError
 from ._errors import InvalidInputError as InvalidInputError
+from ._errors import InvalidJobError as InvalidJobError
 from ._errors import InvalidModelError as InvalidModelError
 from ._errors import NodeAlreadyRunningError as NodeAlreadyRunningError
 from ._errors import NodeDisconnectedError as NodeDisconnectedError
@@ -22,4 +23,5 @@ from ._errors import NodeNotRunningError as NodeNotRunningError
 from ._errors import NoRouteError as NoRouteError
 from ._errors import RequestError as RequestError
 from ._errors import SalalaError as SalalaError
+from ._errors import TrainingFailedError as TrainingFailedError
 from ._errors import UnknownModelError as UnknownModelError

@@ -3,6 +3,7 @@
 Both client faces send these; only their I/O differs (blocking socket or trio stream).
 """
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from os import PathLike
@@ -11,7 +12,12 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from ._errors import ERRORS_BY_CODE, NodeDisconnectedError, NodeError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ._errors import ERRORS_BY_CODE, InvalidJobError, NodeDisconnectedError, NodeError
 from ._protocol import decode_tensors, encode_tensors, pack_frame, unpack_body
 
 T = TypeVar("T")
@@ -94,6 +100,25 @@ def deploy(
 ) -> Call[dict[str, Any]]:
     params = {"model": model, "shards": shards, "replicas": replicas, "codec": codec}
     return Call("deploy", params, _same, on_progress)
+
+
+def train(
+    job: "Mapping[str, Any] | str | PathLike[str]",
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> Call[dict[str, Any]]:
+    """A job table, or the path of a JOB.toml whose relative paths mean its folder."""
+    if isinstance(job, Mapping):
+        table, base = dict(job), Path.cwd()
+    else:
+        path = Path(job)
+        try:
+            table = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise InvalidJobError(f"cannot read job file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidJobError(f"job file {path} is not TOML: {exc}") from exc
+        base = path.resolve().parent
+    return Call("train", {"job": table, "base": str(base)}, _same, on_progress)
 
 
 def deployments() -> Call[list[dict[str, Any]]]:

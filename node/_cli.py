@@ -533,6 +533,71 @@ def deploy(
         console.print(f"[yellow]warning:[/] {warning}")
 
 
+@app.command("train")
+def train(
+    job: Annotated[Path, typer.Argument(help="The job file (see README: Training).")],
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a model across the mesh as JOB.toml describes; prints loss as it goes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
+        console=Console(stderr=True),
+        disable=as_json,
+    ) as bars:
+        bar = bars.add_task("training", total=None, loss=float("nan"), rate=0.0)
+
+        def on_progress(event: dict[str, Any]) -> None:
+            if event["event"] == "replanned":
+                bars.console.print(
+                    f"[yellow]lost {event['lost']}[/]: re-planned, resuming at step "
+                    f"{event['resume_step']}"
+                )
+                bars.update(bar, completed=event["resume_step"])
+                return
+            bars.update(
+                bar,
+                total=event["steps"],
+                completed=event["step"],
+                loss=event["loss"],
+                rate=event["samples_per_s"],
+            )
+
+        with connect(data_dir) as node:
+            result = node.train(job, on_progress)
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"trained [bold]{result['model']}[/] in {result['steps']} steps: "
+        f"final loss {result['loss'][-1]:.4f}, test accuracy {result['test_accuracy']:.2%}"
+    )
+    console.print(f"checkpoints: {result['checkpoints']}")
+    console.print(f"deploy it with: salala deploy {result['model']}")
+
+
+@models_app.command("export-digits")
+def models_export_digits(
+    folder: Path,
+    fragments: Annotated[int, typer.Option(help="Training fragments (1 to 3).")] = 3,
+) -> None:
+    """Export the built-in digits MLP as a training package (needs torch: the export extra)."""
+    from ..models import export_digits
+
+    try:
+        export_digits(folder, fragments)
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"exporting needs torch: pip install 'salala[export]' ({exc})"
+        ) from exc
+    console.print(f"training package written to {folder}")
+
+
 @mesh_app.command("models")
 def mesh_models(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
     """Deployments in the mesh and where each fragment lives."""

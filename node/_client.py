@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 from collections.abc import Callable, Mapping
+from os import PathLike
 from typing import Any, TypeVar
 
 import numpy as np
@@ -120,6 +121,14 @@ class Client:
         """Every deployment the mesh knows, with the live hosts of each stage."""
         return self._call(calls.deployments())
 
+    def train(
+        self,
+        job: "Mapping[str, Any] | str | PathLike[str]",
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run a training job across the mesh (a table, or a JOB.toml path); see README."""
+        return self._call(calls.train(job, on_progress))
+
     def shutdown(self) -> None:
         self._call(calls.shutdown())
 
@@ -215,6 +224,13 @@ class AsyncClient:
 
     async def deployments(self) -> list[dict[str, Any]]:
         return await self._call(calls.deployments())
+
+    async def train(
+        self,
+        job: "Mapping[str, Any] | str | PathLike[str]",
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(calls.train(job, on_progress))
 
     async def shutdown(self) -> None:
         await self._call(calls.shutdown())

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 import trio
 
 from .. import models, runtime
-from ..mesh import Inference, LocalState, MeshConfig, MeshKey, open_inference, open_mesh, short_id
+from ..mesh import (
+    Inference,
+    LocalState,
+    MeshConfig,
+    MeshKey,
+    open_inference,
+    open_mesh,
+    open_training,
+    short_id,
+)
 from ._errors import NodeAlreadyRunningError
 from ._identity import load_or_create_identity
 from ._paths import DataDir
@@ -108,6 +117,7 @@ async def run_node(
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(mesh, store, config.threads, compute, config.max_tensor_bytes) as inference,
+        open_training(mesh, store, config.threads, compute, data_dir.training) as training,
         trio.open_nursery() as nursery,
     ):
         started.append(inference)
@@ -116,6 +126,7 @@ async def run_node(
             store=store,
             mesh=mesh,
             inference=inference,
+            training=training,
             throughput=throughput,
             threads=config.threads,
             compute=compute,

@@ -12,6 +12,8 @@
     │   ├── CannotSplitError      too few cut points for the parts asked for
     │   ├── CannotDeployError     no placement fits, or a stage found no host
     │   ├── NoRouteError          a stage of the deployment has no live peer
+    │   ├── InvalidJobError       a training job with a bad or missing setting
+    │   ├── TrainingFailedError   a training job stopped: a stage refused, or no peers left
     │   └── BadRequestError       a malformed or oversized request
     └── NodeError                 the node failed while serving the request
 
@@ -70,6 +72,14 @@ class NoRouteError(RequestError):
     code = "no_route"
 
 
+class InvalidJobError(RequestError, ValueError):
+    code = "invalid_job"
+
+
+class TrainingFailedError(RequestError):
+    code = "training_failed"
+
+
 class BadRequestError(RequestError, ValueError):
     code = "bad_request"
 
@@ -89,6 +99,8 @@ ERRORS_BY_CODE: dict[str, type[SalalaError]] = {
         CannotSplitError,
         CannotDeployError,
         NoRouteError,
+        InvalidJobError,
+        TrainingFailedError,
         BadRequestError,
         NodeError,
     )

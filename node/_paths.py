@@ -22,6 +22,11 @@ class DataDir:
         return self.root / "identity.key"
 
     @property
+    def training(self) -> Path:
+        """Checkpoints: this node's stages' own, and those it collected as a driver."""
+        return self.root / "training"
+
+    @property
     def store(self) -> Path:
         return self.root / "store"
 

@@ -15,9 +15,13 @@ from .. import models, runtime
 from ..mesh import (
     DeployError,
     Inference,
+    JobError,
     Mesh,
     StageRefusal,
+    Training,
+    TrainingError,
     UnknownDeploymentError,
+    parse_job,
     short_id,
 )
 from ..mesh import NoRouteError as NoMeshRouteError
@@ -26,9 +30,11 @@ from ._errors import (
     CannotDeployError,
     CannotSplitError,
     InvalidInputError,
+    InvalidJobError,
     InvalidModelError,
     NoRouteError,
     SalalaError,
+    TrainingFailedError,
     UnknownModelError,
 )
 from ._paths import DataDir
@@ -38,6 +44,9 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
     (UnknownDeploymentError, UnknownModelError),
     (NoMeshRouteError, NoRouteError),
     (DeployError, CannotDeployError),
+    (JobError, InvalidJobError),
+    (TrainingError, TrainingFailedError),
+    (runtime.OptimizerError, InvalidJobError),
     (models.UnknownModelError, UnknownModelError),
     (models.InvalidModelError, InvalidModelError),
     (models.SplitError, CannotSplitError),
@@ -73,6 +82,7 @@ class NodeService:
         store: models.ModelStore,
         mesh: Mesh,
         inference: Inference,
+        training: Training,
         throughput: runtime.Throughput,
         threads: int | None,
         compute: trio.CapacityLimiter,
@@ -82,6 +92,7 @@ class NodeService:
         self.store = store
         self.mesh = mesh
         self.inference = inference
+        self.training = training
         self.max_tensor_bytes = max_tensor_bytes
         self.throughput = throughput
         self.threads = threads
@@ -90,7 +101,7 @@ class NodeService:
         self._sessions: dict[str, runtime.ModelSession] = {}
         self._loading = trio.Lock()
         self._compute = compute
-        self.reports_progress = {"deploy"}
+        self.reports_progress = {"deploy", "train"}
         self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "status": self.status,
             "models": self.list_models,
@@ -100,6 +111,7 @@ class NodeService:
             "peers": self.peers,
             "deploy": self.deploy,
             "deployments": self.deployments,
+            "train": self.train,
             "invite": self.invite,
             "shutdown": self.shutdown,
         }
@@ -187,6 +199,15 @@ class NodeService:
         replicas = _param(params, "replicas", int)
         codec = _param(params, "codec", str)
         return await self.inference.deployer.deploy(stored, shards, replicas, codec, progress)
+
+    async def train(
+        self, params: dict[str, Any], progress: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        job = params.get("job")
+        if not isinstance(job, dict):
+            raise BadRequestError("train needs a job table")
+        parsed = parse_job(job, Path(_param(params, "base", str)))
+        return await self.training.driver.train(parsed, progress)
 
     async def deployments(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         return [

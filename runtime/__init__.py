@@ -1,4 +1,5 @@
-"""Everything that happens on one device: onnxruntime sessions, providers, capacity."""
+"""Everything that happens on one device: onnxruntime sessions, providers, capacity,
+and the numpy optimisers that training stages step with."""
 
 from ._battery import BatterySource as BatterySource
 from ._battery import BatteryState as BatteryState
@@ -7,6 +8,9 @@ from ._capacity import probe_capacity as probe_capacity
 from ._errors import InputMismatchError as InputMismatchError
 from ._errors import ModelLoadError as ModelLoadError
 from ._errors import RuntimeFault as RuntimeFault
+from ._optim import Optimizer as Optimizer
+from ._optim import OptimizerError as OptimizerError
+from ._optim import make_optimizer as make_optimizer
 from ._providers import available_providers as available_providers
 from ._session import ModelSession as ModelSession
 from ._session import TensorSpec as TensorSpec

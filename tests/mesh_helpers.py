@@ -40,6 +40,12 @@ def identity(node: NodeProcess) -> tuple[str, str]:
     return status["peer_id"], status["addrs"][0]
 
 
+def formed(nodes: list[NodeProcess]) -> None:
+    """Wait until every node lists every node: each pair has met."""
+    ids = {identity(node)[0] for node in nodes}
+    wait_until(lambda: all(peer_ids(n) == ids for n in nodes), 15, "the mesh forming")
+
+
 @contextmanager
 def mesh_of(
     root: Path, count: int, key: MeshKey | None = None, *extra: str

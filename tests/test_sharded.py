@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import trio
 from conftest import NodeProcess, minilm_inputs, minilm_path, start_node
-from mesh_helpers import identity, mesh_of, peer_ids, wait_until
+from mesh_helpers import formed, identity, mesh_of, peer_ids, wait_until
 from salala.mesh import MeshKey, _auth
 from salala.mesh._host import open_host
 from salala.mesh._serving import PROTOCOL as INFER
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow
 def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(minilm_path()), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
-
-
-def formed(nodes: list[NodeProcess]) -> None:
-    ids = {identity(node)[0] for node in nodes}
-    wait_until(lambda: all(peer_ids(n) == ids for n in nodes), 15, "the mesh forming")
 
 
 def deployed_everywhere(nodes: list[NodeProcess], deployment: str) -> None:

@@ -1,0 +1,339 @@
+"""Training stages on a member: the ``/salala/train/1.0.0`` protocol.
+
+Frames (``_frames``: msgpack header, raw tensor parts) carry, per job and attempt:
+
+    setup   driver -> stage     parameters and optimiser state; the stage fetches its
+                                two graphs by hash from the driver and answers ready
+    fwd     stage -> next       one micro-batch's activation (and its labels)
+    bwd     stage -> previous   the gradient of that activation
+    step    driver -> stage     apply the optimiser (after averaging with replicas)
+    grads   replica -> replica  a stage's gradient sums for one step
+    end     driver -> stage     forget the job
+    ready / loss / done / stepped / error    stage -> driver
+
+Activations flow downstream and gradients upstream peer to peer; the driver only
+feeds micro-batches in and says when to step. Replicas of a stage average their
+gradients among themselves (each sends its sums to the others and all add them in
+replica order, so every replica applies the same update); there is no server.
+A stage set up for a newer attempt of a job drops frames of older attempts, which
+is what makes a re-planned job safe against frames still in flight.
+
+One worker per node runs the work in arrival order; sends go out in their own tasks
+so that a stage never waits on a neighbour that is waiting on it.
+"""
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from ..models import ModelStore
+from ..runtime import ModelLoadError, ModelSession, OptimizerError, make_optimizer
+from ._errors import MeshError, WireError
+from ._frames import encode_frame, payload_size, read_header, read_payload
+from ._mesh import Mesh
+from ._peerid import short_id
+from ._serving import LinkError, Links
+from ._train_stage import StageWork, split_snapshot
+from ._transfer import fetch_object
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = TProtocol("/salala/train/1.0.0")
+QUEUE = 256
+SENDS_IN_FLIGHT = 8
+IDLE_TIMEOUT_S = 3600.0
+READ_TIMEOUT_S = 30.0
+MAX_PAYLOAD = 1 << 30
+NEIGHBOUR_WAIT_S = 10.0
+TO_DRIVER = frozenset({"ready", "loss", "done", "stepped", "error"})
+TO_STAGE = frozenset({"setup", "fwd", "bwd", "step", "grads", "end"})
+
+Frame = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+@dataclass
+class HostedStage:
+    attempt: int
+    work: StageWork
+    route: dict[str, Any]  # next, prev, driver, replicas (peer ids)
+    checkpoints: Path
+    step_request: dict[str, Any] | None = None
+    received: dict[int, tuple[dict[str, np.ndarray], int]] = field(default_factory=dict)
+
+
+def _key(header: dict[str, Any]) -> tuple[str, int, int]:
+    return str(header.get("job")), int(header.get("stage", -1)), int(header.get("replica", -1))
+
+
+class TrainServer:
+    def __init__(
+        self,
+        mesh: Mesh,
+        store: ModelStore,
+        threads: int | None,
+        compute: trio.CapacityLimiter,
+        checkpoint_root: Path,
+    ) -> None:
+        self.mesh = mesh
+        self.store = store
+        self.threads = threads
+        self.checkpoint_root = checkpoint_root
+        self.links = Links(mesh, PROTOCOL)
+        self._compute = compute
+        self._stages: dict[tuple[str, int, int], HostedStage] = {}
+        self._inboxes: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], None]] = {}
+        self._work_send, self._work_receive = trio.open_memory_channel[Frame](QUEUE)
+        self._sends = trio.CapacityLimiter(SENDS_IN_FLIGHT)
+        self._nursery: trio.Nursery | None = None
+
+    def hosted(self) -> list[dict[str, Any]]:
+        return [
+            {"job": job, "stage": stage, "replica": replica, "attempt": hosted.attempt}
+            for (job, stage, replica), hosted in sorted(self._stages.items())
+        ]
+
+    def listen(
+        self, job: str, deliver: Callable[[dict[str, Any], dict[str, np.ndarray]], None]
+    ) -> None:
+        """Route the driver-bound frames of ``job`` to ``deliver`` (this node drives it)."""
+        self._inboxes[job] = deliver
+
+    def unlisten(self, job: str) -> None:
+        self._inboxes.pop(job, None)
+
+    # ---- frames in and out -------------------------------------------------------
+
+    async def handle_stream(self, peer_id: str, stream: INetStream) -> None:
+        while True:
+            header = await read_header(stream, IDLE_TIMEOUT_S)
+            if header.get("kind") not in TO_STAGE | TO_DRIVER:
+                raise WireError(f"unknown training frame {header.get('kind')!r}")
+            if payload_size(header) > MAX_PAYLOAD:
+                raise WireError("oversized training frame")
+            tensors = await read_payload(stream, header, READ_TIMEOUT_S)
+            await self._accept(header, tensors)
+
+    async def _accept(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        if header["kind"] in TO_DRIVER:
+            deliver = self._inboxes.get(str(header.get("job")))
+            if deliver is not None:
+                deliver(header, tensors)
+            return
+        await self._work_send.send((header, tensors))
+
+    def send(self, peer_id: str, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Queue a frame for a peer (or this node) without waiting for it to leave."""
+
+        async def go() -> None:
+            async with self._sends:
+                if peer_id == self.mesh.peer_id:
+                    await self._accept(header, tensors)
+                    return
+                head, views = encode_frame(header, tensors)
+                try:
+                    await self.links.send(peer_id, head, views)
+                except LinkError as exc:
+                    driver = header.get("driver")
+                    if isinstance(driver, str) and header["kind"] in TO_STAGE - {"setup", "end"}:
+                        self._to_driver(header, "error", unreachable=peer_id, message=str(exc))
+
+        assert self._nursery is not None
+        self._nursery.start_soon(go)
+
+    def _to_driver(
+        self,
+        header: dict[str, Any],
+        kind: str,
+        tensors: dict[str, np.ndarray] | None = None,
+        **fields: Any,
+    ) -> None:
+        reply = {
+            "kind": kind,
+            "job": header.get("job"),
+            "attempt": header.get("attempt"),
+            "stage": header.get("stage"),
+            "replica": header.get("replica"),
+            "peer": self.mesh.peer_id,
+            **fields,
+        }
+        self.send(str(header.get("driver")), reply, tensors or {})
+
+    # ---- the worker ---------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.mesh.handle(PROTOCOL, self.handle_stream)
+            task_status.started()
+            async for header, tensors in self._work_receive:
+                try:
+                    await self._dispatch(header, tensors)
+                except Exception as exc:  # one bad job must not stop the worker
+                    log.exception("training frame %s failed", header.get("kind"))
+                    self._to_driver(header, "error", message=f"{type(exc).__name__}: {exc}")
+
+    async def _dispatch(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        kind, key = header["kind"], _key(header)
+        if kind == "setup":
+            assert self._nursery is not None
+            self._nursery.start_soon(self._setup, header, tensors)
+            return
+        if kind == "end":
+            for other in [k for k in self._stages if k[0] == key[0]]:
+                del self._stages[other]
+            return
+        hosted = self._stages.get(key)
+        if hosted is None or hosted.attempt != header.get("attempt"):
+            return  # a frame from an attempt that was re-planned away: drop it
+        if kind == "fwd":
+            await self._forward(hosted, header, tensors)
+        elif kind == "bwd":
+            await self._backward(hosted, header, tensors)
+        elif kind == "step":
+            hosted.step_request = header
+            own, samples = hosted.work.take_gradients()
+            hosted.received[int(header["replica"])] = (own, samples)
+            for index, peer in enumerate(hosted.route["replicas"]):
+                if index != header["replica"]:
+                    share = {
+                        **header,
+                        "kind": "grads",
+                        "replica": index,
+                        "sender": header["replica"],
+                        "samples": samples,
+                    }
+                    self.send(peer, share, own)
+            await self._maybe_step(hosted)
+        elif kind == "grads":
+            hosted.received[int(header["sender"])] = (tensors, int(header["samples"]))
+            await self._maybe_step(hosted)
+
+    async def _setup(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        try:
+            driver = str(header["driver"])
+            paths = [
+                await fetch_object(self.mesh, self.store, header[name], [driver])
+                for name in ("forward", "backward")
+            ]
+            optimizer = make_optimizer(header["optimizer"])
+            params, state = split_snapshot(tensors)
+            optimizer.state = {n: v.copy() for n, v in state.items()}
+            optimizer.steps = int(header.get("optimizer_steps", 0))
+            forward, backward = await trio.to_thread.run_sync(
+                lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
+            )
+            neighbours = [header["next"], header["prev"], *header["replicas"]]
+            unreachable = await self._wait_for(p for p in neighbours if isinstance(p, str))
+        except (MeshError, ModelLoadError, OptimizerError, KeyError, ValueError) as exc:
+            self._to_driver(header, "error", message=f"setup failed: {exc}")
+            return
+        if unreachable:
+            message = f"{short_id(unreachable)} is not a connected member"
+            self._to_driver(header, "error", unreachable=unreachable, message=message)
+            return
+        work = StageWork(
+            forward,
+            backward,
+            {n: v.copy() for n, v in params.items()},
+            optimizer,
+            first=header["stage"] == 0,
+            last=header["stage"] == header["stages"] - 1,
+        )
+        job, stage, replica = _key(header)
+        self._stages[(job, stage, replica)] = HostedStage(
+            header["attempt"],
+            work,
+            {k: header[k] for k in ("next", "prev", "driver", "replicas")},
+            self.checkpoint_root / job / f"stage-{stage}.npz",
+        )
+        self._to_driver(header, "ready")
+
+    async def _wait_for(self, peers: "Iterable[str]") -> str | None:
+        """The first of ``peers`` this node still cannot reach after NEIGHBOUR_WAIT_S.
+
+        A mesh that has only just formed may not have every pair connected yet; a
+        neighbour that is still missing after the wait is reported as lost.
+        """
+        wanted = set(peers)
+        with trio.move_on_after(NEIGHBOUR_WAIT_S):
+            while not all(self.mesh.is_live(p) for p in wanted):
+                await trio.sleep(0.2)
+        return next((p for p in sorted(wanted) if not self.mesh.is_live(p)), None)
+
+    async def _forward(
+        self, hosted: HostedStage, header: dict[str, Any], tensors: dict[str, np.ndarray]
+    ) -> None:
+        work, micro_batch = hosted.work, int(header["mb"])
+        x, labels = tensors["x"], tensors["labels"]
+        if work.last:
+            loss, grad_x = await trio.to_thread.run_sync(
+                work.run_loss, x, labels, limiter=self._compute
+            )
+            self._to_driver(header, "loss", loss=loss, samples=len(x), mb=micro_batch)
+            self._upstream(hosted, header, grad_x)
+            return
+        y = await trio.to_thread.run_sync(work.run_forward, micro_batch, x, limiter=self._compute)
+        onward = {**header, "stage": header["stage"] + 1}
+        self.send(hosted.route["next"], onward, {"x": y, "labels": labels})
+
+    async def _backward(
+        self, hosted: HostedStage, header: dict[str, Any], tensors: dict[str, np.ndarray]
+    ) -> None:
+        grad_x = await trio.to_thread.run_sync(
+            hosted.work.run_backward, int(header["mb"]), tensors["grad_y"], limiter=self._compute
+        )
+        self._upstream(hosted, header, grad_x)
+
+    def _upstream(
+        self, hosted: HostedStage, header: dict[str, Any], grad_x: np.ndarray | None
+    ) -> None:
+        if hosted.work.first:
+            self._to_driver(header, "done", mb=header["mb"])
+            return
+        assert grad_x is not None
+        back = {**header, "kind": "bwd", "stage": header["stage"] - 1}
+        self.send(hosted.route["prev"], back, {"grad_y": grad_x})
+
+    async def _maybe_step(self, hosted: HostedStage) -> None:
+        request = hosted.step_request
+        if request is None or len(hosted.received) < len(hosted.route["replicas"]):
+            return
+        ordered = [hosted.received[i] for i in sorted(hosted.received)]
+        hosted.step_request, hosted.received = None, {}
+        samples = sum(count for _, count in ordered)
+        sums = (
+            {
+                name: np.sum([part[name] for part, count in ordered if count], axis=0)
+                for name in hosted.work.params
+            }
+            if samples
+            else {}
+        )
+        await trio.to_thread.run_sync(hosted.work.apply, sums, samples, limiter=self._compute)
+        snapshot: dict[str, np.ndarray] = {}
+        if request.get("checkpoint"):
+            snapshot = hosted.work.snapshot()
+            await trio.to_thread.run_sync(save_checkpoint, hosted.checkpoints, snapshot)
+        self._to_driver(
+            request,
+            "stepped",
+            snapshot,
+            step=request["step"],
+            optimizer_steps=hosted.work.optimizer.steps,
+        )
+
+
+def save_checkpoint(path: Path, snapshot: dict[str, np.ndarray]) -> None:
+    """Write ``snapshot`` as .npz by rename, so a crash mid-write keeps the last one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as file:
+        np.savez(file, **snapshot)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
+    partial.replace(path)
