@@ -182,70 +182,18 @@ class _Run:
     async def attempt(
         self, attempt: int, plan: list[list[str]], checkpoint: Checkpoint
     ) -> Checkpoint:
+        """Set every slot up from ``checkpoint`` and train until done or a peer is lost."""
         self.last_checkpoint = checkpoint
         self.history = self.history[: checkpoint.step]
         self.driver.server.listen(self.job_id, self._deliver)
-        stages = len(self.package.fragments)
-        me = self.driver.mesh.peer_id
-        base = {"job": self.job_id, "attempt": attempt, "driver": me}
-        for replica, row in enumerate(plan):
-            for stage, peer in enumerate(row):
-                header = {
-                    **base,
-                    "kind": "setup",
-                    "stage": stage,
-                    "stages": stages,
-                    "replica": replica,
-                    "forward": self.shas[stage][0],
-                    "backward": self.shas[stage][1],
-                    "optimizer": self.job.optimizer,
-                    "optimizer_steps": checkpoint.optimizer_steps[stage],
-                    "next": row[stage + 1] if stage + 1 < stages else None,
-                    "prev": row[stage - 1] if stage else None,
-                    "replicas": [r[stage] for r in plan],
-                }
-                self.driver.server.send(peer, header, checkpoint.stages[stage])
-        await self._collect(attempt, plan, Counter(ready=stages * len(plan)), SETUP_TIMEOUT_S)
-        x_all, y_all = self.data.x_train, self.data.y_train
+        base = {"job": self.job_id, "attempt": attempt, "driver": self.driver.mesh.peer_id}
+        await self._set_up(base, plan, checkpoint)
         for step in range(checkpoint.step, self.job.steps):
             started = time.perf_counter()
-            indices = batch_indices(len(y_all), self.job.batch, step, self.job.seed)
-            for replica, share in enumerate(np.array_split(indices, len(plan))):
-                for micro_batch, chunk in enumerate(np.array_split(share, self.job.micro_batches)):
-                    header = {
-                        **base,
-                        "kind": "fwd",
-                        "stage": 0,
-                        "replica": replica,
-                        "step": step,
-                        "mb": micro_batch,
-                    }
-                    tensors = {"x": x_all[chunk], "labels": y_all[chunk]}
-                    self.driver.server.send(plan[replica][0], header, tensors)
-            count = self.job.micro_batches * len(plan)
-            replies = await self._collect(
-                attempt, plan, Counter(loss=count, done=count), STEP_TIMEOUT_S
-            )
-            losses = [(h["loss"], h["samples"]) for h, _ in replies if h["kind"] == "loss"]
+            samples, loss = await self._pass(base, plan, step)
             keep = (step + 1) % self.job.checkpoint_every == 0 or step + 1 == self.job.steps
-            for replica, row in enumerate(plan):
-                for stage, peer in enumerate(row):
-                    header = {
-                        **base,
-                        "kind": "step",
-                        "stage": stage,
-                        "replica": replica,
-                        "step": step,
-                        "checkpoint": keep,
-                    }
-                    self.driver.server.send(peer, header, {})
-            stepped = await self._collect(
-                attempt, plan, Counter(stepped=stages * len(plan)), STEP_TIMEOUT_S
-            )
-            loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+            await self._step(base, plan, step, keep)
             self.history.append(loss)
-            if keep:
-                self._keep(step + 1, stepped, stages)
             elapsed = time.perf_counter() - started
             self.progress(
                 {
@@ -253,10 +201,68 @@ class _Run:
                     "step": step + 1,
                     "steps": self.job.steps,
                     "loss": loss,
-                    "samples_per_s": len(indices) / elapsed if elapsed else 0.0,
+                    "samples_per_s": samples / elapsed if elapsed else 0.0,
                 }
             )
         return self.last_checkpoint
+
+    def _to_slots(self, plan: list[list[str]], header: dict[str, Any], extra: Any) -> None:
+        """Send ``header`` to every slot; ``extra(replica, stage, row)`` adds its fields."""
+        stages = len(self.package.fragments)
+        for replica, row in enumerate(plan):
+            for stage, peer in enumerate(row):
+                fields, tensors = extra(replica, stage, row)
+                slot = {**header, "stage": stage, "stages": stages, "replica": replica}
+                self.driver.server.send(peer, {**slot, **fields}, tensors)
+
+    async def _set_up(
+        self, base: dict[str, Any], plan: list[list[str]], checkpoint: Checkpoint
+    ) -> None:
+        last = len(self.package.fragments) - 1
+
+        def setup(replica: int, stage: int, row: list[str]) -> Any:
+            fields = {
+                "forward": self.shas[stage][0],
+                "backward": self.shas[stage][1],
+                "optimizer": self.job.optimizer,
+                "optimizer_steps": checkpoint.optimizer_steps[stage],
+                "next": row[stage + 1] if stage < last else None,
+                "prev": row[stage - 1] if stage else None,
+                "replicas": [r[stage] for r in plan],
+            }
+            return fields, checkpoint.stages[stage]
+
+        self._to_slots(plan, {**base, "kind": "setup"}, setup)
+        slots = (last + 1) * len(plan)
+        await self._collect(base["attempt"], plan, Counter(ready=slots), SETUP_TIMEOUT_S)
+
+    async def _pass(
+        self, base: dict[str, Any], plan: list[list[str]], step: int
+    ) -> tuple[int, float]:
+        """Every micro-batch of ``step`` forward and back; the samples and their mean loss."""
+        indices = batch_indices(len(self.data.y_train), self.job.batch, step, self.job.seed)
+        for replica, share in enumerate(np.array_split(indices, len(plan))):
+            for micro_batch, chunk in enumerate(np.array_split(share, self.job.micro_batches)):
+                header = {**base, "kind": "fwd", "stage": 0, "replica": replica}
+                header.update(step=step, mb=micro_batch)
+                tensors = {"x": self.data.x_train[chunk], "labels": self.data.y_train[chunk]}
+                self.driver.server.send(plan[replica][0], header, tensors)
+        count = self.job.micro_batches * len(plan)
+        wanted = Counter(loss=count, done=count)
+        replies = await self._collect(base["attempt"], plan, wanted, STEP_TIMEOUT_S)
+        losses = [(h["loss"], h["samples"]) for h, _ in replies if h["kind"] == "loss"]
+        return len(indices), sum(v * n for v, n in losses) / sum(n for _, n in losses)
+
+    async def _step(
+        self, base: dict[str, Any], plan: list[list[str]], step: int, keep: bool
+    ) -> None:
+        """Every slot applies its optimiser; with ``keep``, their snapshots are kept."""
+        header = {**base, "kind": "step", "step": step, "checkpoint": keep}
+        self._to_slots(plan, header, lambda replica, stage, row: ({}, {}))
+        slots = len(self.package.fragments) * len(plan)
+        stepped = await self._collect(base["attempt"], plan, Counter(stepped=slots), STEP_TIMEOUT_S)
+        if keep:
+            self._keep(step + 1, stepped, len(self.package.fragments))
 
     def _keep(
         self, step: int, stepped: list[tuple[dict[str, Any], dict[str, np.ndarray]]], stages: int
