@@ -35,7 +35,7 @@ from ..runtime import ModelSession
 from ._errors import MeshError
 from ._mesh import Mesh
 from ._peerid import short_id
-from ._train_job import TrainJob
+from ._train_job import JobError, TrainJob
 from ._train_stage import PARAM
 from ._training import TrainServer, save_checkpoint
 
@@ -102,6 +102,8 @@ class Driver:
             data = await trio.to_thread.run_sync(load_digits)
         except ModelError as exc:
             raise TrainingError(f"cannot load dataset {job.dataset!r}: {exc}") from exc
+        if job.batch > len(data.y_train):
+            raise JobError(f"batch {job.batch} exceeds the {len(data.y_train)} training samples")
         initial = package.initial_params()
         checkpoint = Checkpoint(
             0, [{PARAM + n: v for n, v in p.items()} for p in initial], [0] * len(initial)
@@ -262,12 +264,11 @@ class _Run:
         slots = len(self.package.fragments) * len(plan)
         stepped = await self._collect(base["attempt"], plan, Counter(stepped=slots), STEP_TIMEOUT_S)
         if keep:
-            self._keep(step + 1, stepped, len(self.package.fragments))
+            await trio.to_thread.run_sync(self._keep, step + 1, stepped)
 
-    def _keep(
-        self, step: int, stepped: list[tuple[dict[str, Any], dict[str, np.ndarray]]], stages: int
-    ) -> None:
+    def _keep(self, step: int, stepped: list[tuple[dict[str, Any], dict[str, np.ndarray]]]) -> None:
         """Replica 0's snapshot of each stage becomes the job's checkpoint, on disk too."""
+        stages = len(self.package.fragments)
         chosen = {h["stage"]: (h, t) for h, t in stepped if h["replica"] == 0}
         snapshot = [chosen[s][1] for s in range(stages)]
         self.last_checkpoint = Checkpoint(

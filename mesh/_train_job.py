@@ -58,7 +58,12 @@ def parse_job(table: dict[str, Any], base: Path) -> TrainJob:
     for name in ("steps", "batch", "micro_batches", "replicas", "checkpoint_every", "seed"):
         if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)):
             raise JobError(f"{name} must be an integer, not {values[name]!r}")
+    for name in ("output", "dataset"):
+        if name in values and not isinstance(values[name], str):
+            raise JobError(f"{name} must be a string, not {values[name]!r}")
     job = TrainJob(**values)
+    if job.seed < 0:
+        raise JobError(f"seed must be 0 or more, not {job.seed}")
     if job.steps < 1 or job.batch < 1 or job.replicas < 1 or job.checkpoint_every < 1:
         raise JobError("steps, batch, replicas and checkpoint_every must be at least 1")
     if not 1 <= job.micro_batches <= MAX_MICRO_BATCHES:

@@ -64,10 +64,14 @@ class StageWork:
         self.stash.clear()
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        """Parameters and optimiser state as one flat tensor map (a checkpoint)."""
+        """Parameters and optimiser state as one flat tensor map (a checkpoint).
+
+        Copies: the optimiser updates parameters in place, and a snapshot handed to a
+        driver on this same node must not move with them.
+        """
         return {
-            **{PARAM + n: v for n, v in self.params.items()},
-            **{OPTIM + n: v for n, v in self.optimizer.state.items()},
+            **{PARAM + n: v.copy() for n, v in self.params.items()},
+            **{OPTIM + n: v.copy() for n, v in self.optimizer.state.items()},
         }
 
 

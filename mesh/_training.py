@@ -34,8 +34,8 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from ..models import ModelStore
-from ..runtime import ModelLoadError, ModelSession, OptimizerError, make_optimizer
-from ._errors import MeshError, WireError
+from ..runtime import ModelSession, make_optimizer
+from ._errors import WireError
 from ._frames import encode_frame, payload_size, read_header, read_payload
 from ._mesh import Mesh
 from ._peerid import short_id
@@ -60,9 +60,12 @@ Frame = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 @dataclass
 class HostedStage:
+    """A stage slot this node runs: its attempt (older frames are dropped), its work,
+    its neighbours, and the gradient sums gathered for the step being taken."""
+
     attempt: int
     work: StageWork
-    route: dict[str, Any]  # next, prev, driver, replicas (peer ids)
+    route: dict[str, Any]  # next, prev (peer ids or None), replicas (peer ids by index)
     checkpoints: Path
     step_request: dict[str, Any] | None = None
     received: dict[int, tuple[dict[str, np.ndarray], int]] = field(default_factory=dict)
@@ -73,6 +76,9 @@ def _key(header: dict[str, Any]) -> tuple[str, int, int]:
 
 
 class TrainServer:
+    """Every node's side of training: stage slots for any driver, and the inbox of the
+    jobs this node drives. One per node, for as long as it runs."""
+
     def __init__(
         self,
         mesh: Mesh,
@@ -91,13 +97,9 @@ class TrainServer:
         self._inboxes: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], None]] = {}
         self._work_send, self._work_receive = trio.open_memory_channel[Frame](QUEUE)
         self._sends = trio.CapacityLimiter(SENDS_IN_FLIGHT)
+        self._fetching: dict[str, trio.Lock] = {}
+        self._ended: set[str] = set()  # job ids; a late setup must not revive one
         self._nursery: trio.Nursery | None = None
-
-    def hosted(self) -> list[dict[str, Any]]:
-        return [
-            {"job": job, "stage": stage, "replica": replica, "attempt": hosted.attempt}
-            for (job, stage, replica), hosted in sorted(self._stages.items())
-        ]
 
     def listen(
         self, job: str, deliver: Callable[[dict[str, Any], dict[str, np.ndarray]], None]
@@ -141,7 +143,7 @@ class TrainServer:
                     await self.links.send(peer_id, head, views)
                 except LinkError as exc:
                     driver = header.get("driver")
-                    if isinstance(driver, str) and header["kind"] in TO_STAGE - {"setup", "end"}:
+                    if isinstance(driver, str) and header["kind"] in TO_STAGE - {"end"}:
                         self._to_driver(header, "error", unreachable=peer_id, message=str(exc))
 
         assert self._nursery is not None
@@ -180,12 +182,14 @@ class TrainServer:
                     self._to_driver(header, "error", message=f"{type(exc).__name__}: {exc}")
 
     async def _dispatch(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """One frame for a stage; frames of attempts this node no longer runs are dropped."""
         kind, key = header["kind"], _key(header)
         if kind == "setup":
             assert self._nursery is not None
             self._nursery.start_soon(self._setup, header, tensors)
             return
         if kind == "end":
+            self._ended.add(key[0])
             for other in [k for k in self._stages if k[0] == key[0]]:
                 del self._stages[other]
             return
@@ -216,28 +220,46 @@ class TrainServer:
             await self._maybe_step(hosted)
 
     async def _setup(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Fetch the stage's graphs, load them, wait for its neighbours, then say ready.
+
+        Runs in its own task (fetching may take a while); anything that goes wrong is
+        reported to the driver, which re-plans, and never reaches the node's nursery.
+        """
         try:
-            driver = str(header["driver"])
-            paths = [
-                await fetch_object(self.mesh, self.store, header[name], [driver])
-                for name in ("forward", "backward")
-            ]
-            optimizer = make_optimizer(header["optimizer"])
-            params, state = split_snapshot(tensors)
-            optimizer.state = {n: v.copy() for n, v in state.items()}
-            optimizer.steps = int(header.get("optimizer_steps", 0))
-            forward, backward = await trio.to_thread.run_sync(
-                lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
-            )
-            neighbours = [header["next"], header["prev"], *header["replicas"]]
-            unreachable = await self._wait_for(p for p in neighbours if isinstance(p, str))
-        except (MeshError, ModelLoadError, OptimizerError, KeyError, ValueError) as exc:
+            work, unreachable = await self._prepare(header, tensors)
+        except Exception as exc:  # a bad header, a failed fetch, a full disk
+            log.info("setup of %s refused: %r", header.get("job"), exc)
             self._to_driver(header, "error", message=f"setup failed: {exc}")
             return
         if unreachable:
             message = f"{short_id(unreachable)} is not a connected member"
             self._to_driver(header, "error", unreachable=unreachable, message=message)
             return
+        key = _key(header)
+        current = self._stages.get(key)
+        if key[0] in self._ended or (current and current.attempt > header["attempt"]):
+            return  # the job ended, or was re-planned again, while this one loaded
+        route = {k: header[k] for k in ("next", "prev", "replicas")}
+        checkpoints = self.checkpoint_root / key[0] / f"stage-{key[1]}.npz"
+        self._stages[key] = HostedStage(header["attempt"], work, route, checkpoints)
+        self._to_driver(header, "ready")
+
+    async def _prepare(
+        self, header: dict[str, Any], tensors: dict[str, np.ndarray]
+    ) -> tuple[StageWork, str | None]:
+        driver = str(header["driver"])
+        paths = []
+        for name in ("forward", "backward"):
+            # replicas set up on one peer fetch the same graph: one download, not two
+            async with self._fetching.setdefault(header[name], trio.Lock()):
+                paths.append(await fetch_object(self.mesh, self.store, header[name], [driver]))
+        optimizer = make_optimizer(header["optimizer"])
+        params, state = split_snapshot(tensors)
+        optimizer.state = {n: v.copy() for n, v in state.items()}
+        optimizer.steps = int(header["optimizer_steps"])
+        forward, backward = await trio.to_thread.run_sync(
+            lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
+        )
         work = StageWork(
             forward,
             backward,
@@ -246,14 +268,9 @@ class TrainServer:
             first=header["stage"] == 0,
             last=header["stage"] == header["stages"] - 1,
         )
-        job, stage, replica = _key(header)
-        self._stages[(job, stage, replica)] = HostedStage(
-            header["attempt"],
-            work,
-            {k: header[k] for k in ("next", "prev", "driver", "replicas")},
-            self.checkpoint_root / job / f"stage-{stage}.npz",
-        )
-        self._to_driver(header, "ready")
+        neighbours = [header["next"], header["prev"], *header["replicas"]]
+        unreachable = await self._wait_for(p for p in neighbours if isinstance(p, str))
+        return work, unreachable
 
     async def _wait_for(self, peers: "Iterable[str]") -> str | None:
         """The first of ``peers`` this node still cannot reach after NEIGHBOUR_WAIT_S.
@@ -302,6 +319,10 @@ class TrainServer:
         self.send(hosted.route["prev"], back, {"grad_y": grad_x})
 
     async def _maybe_step(self, hosted: HostedStage) -> None:
+        """Apply the step once the driver asked and every replica's sums are here.
+
+        Sums are added in replica order, so all replicas compute bit-identical updates.
+        """
         request = hosted.step_request
         if request is None or len(hosted.received) < len(hosted.route["replicas"]):
             return
@@ -321,6 +342,8 @@ class TrainServer:
         if request.get("checkpoint"):
             snapshot = hosted.work.snapshot()
             await trio.to_thread.run_sync(save_checkpoint, hosted.checkpoints, snapshot)
+            if request["replica"]:
+                snapshot = {}  # replicas hold the same state; the driver keeps replica 0's
         self._to_driver(
             request,
             "stepped",

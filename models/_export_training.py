@@ -116,7 +116,7 @@ def export_training(
         fragments.append(TrainingFragment(f"{stem}.forward.onnx", f"{stem}.backward.onnx", names))
         x = y
     write_params(folder / PARAMS_FILE, flat)
-    package = TrainingPackage(folder=folder, input="x", labels="labels", fragments=fragments)
+    package = TrainingPackage(folder=folder, fragments=fragments)
     write_manifest(package)
     return package
 

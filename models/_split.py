@@ -108,6 +108,8 @@ def find_cuts(model: onnx.ModelProto) -> list[Cut]:
         live = {name for name in live if last_use.get(name, -1) >= position}
         crossing = [name for name in live if name in active]
         if len(crossing) == 1 and crossing[0] in declarable:
+            if cuts and cuts[-1].tensor == crossing[0]:
+                continue  # same tensor as the cut before: a fragment between would be empty
             cuts.append(Cut(position, crossing[0]))
     return cuts
 

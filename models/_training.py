@@ -39,8 +39,6 @@ class TrainingFragment:
 @dataclass(frozen=True)
 class TrainingPackage:
     folder: Path
-    input: str  # the model input's name in fragment 0
-    labels: str  # the labels input of the last backward graph
     fragments: list[TrainingFragment]
 
     def file(self, name: str) -> Path:

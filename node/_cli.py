@@ -587,10 +587,12 @@ def models_export_digits(
     fragments: Annotated[int, typer.Option(help="Training fragments (1 to 3).")] = 3,
 ) -> None:
     """Export the built-in digits MLP as a training package (needs torch: the export extra)."""
-    from ..models import export_digits
+    from ..models import ModelError, export_digits
 
     try:
         export_digits(folder, fragments)
+    except ModelError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     except ImportError as exc:
         raise typer.BadParameter(
             f"exporting needs torch: pip install 'salala[export]' ({exc})"

@@ -6,6 +6,7 @@ saves and what a re-planned stage is seeded with. The update rules are torch's
 weight decay), so a pipeline can be checked against torch step for step.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,15 +49,6 @@ class Optimizer:
                 v_hat = v / (1 - beta2**self.steps)
                 params[name] -= (self.lr * m_hat / (np.sqrt(v_hat) + self.eps)).astype(grad.dtype)
 
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "betas": list(self.betas),
-            "eps": self.eps,
-        }
-
 
 def make_optimizer(spec: dict[str, Any]) -> Optimizer:
     """An optimiser from a job's ``[optimizer]`` table; OptimizerError names the bad key."""
@@ -73,7 +65,12 @@ def make_optimizer(spec: dict[str, Any]) -> Optimizer:
         eps = float(spec.get("eps", 1e-8))
     except (TypeError, ValueError) as exc:
         raise OptimizerError(f"optimizer settings must be numbers: {exc}") from exc
-    if not lr > 0 or not 0 <= momentum < 1 or not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+    if (
+        not math.isfinite(lr)
+        or not lr > 0
+        or not 0 <= momentum < 1
+        or not (0 <= beta1 < 1 and 0 <= beta2 < 1)
+    ):
         raise OptimizerError("need lr > 0, 0 <= momentum < 1 and betas in [0, 1)")
     if kind == "adam" and momentum:
         raise OptimizerError("adam takes betas, not momentum")

@@ -1,13 +1,15 @@
 """Splitting real models into fragments that, chained, reproduce the whole model."""
 
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from conftest import minilm_inputs, minilm_path, ocr_inputs, ocr_model_path
-from salala.models import ModelStore, SplitError, split_graph, split_stored
+from salala.models import ModelStore, SplitError, analyze, split_graph, split_stored
+from salala.models._split import extract_fragments
 from salala.runtime import ModelSession
 
 MODELS: dict[str, tuple[Callable[[], Path], Callable[[], dict[str, np.ndarray]]]] = {
@@ -95,3 +97,14 @@ def test_too_many_parts_is_a_clear_error() -> None:
         split_graph(model, 500)
     with pytest.raises(SplitError, match="at least 1"):
         split_graph(model, 0)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_fragment_between_any_two_neighbouring_cuts_has_work(model: str) -> None:
+    """The capacity planner may pick any two neighbouring cuts (a very slow peer gets
+    the smallest stage), so no pair may enclose an empty graph."""
+    analysis = analyze(onnx.load(str(MODELS[model][0]())))
+    tensors = [cut.tensor for cut in analysis.cuts]
+    assert all(a != b for a, b in pairwise(tensors))
+    for fragment in extract_fragments(analysis, analysis.cuts):
+        assert fragment.model.graph.node, f"fragment {fragment.index} is empty"

@@ -17,6 +17,7 @@ from conftest import NodeProcess
 from mesh_helpers import formed, identity, mesh_of, wait_until
 from onnx import numpy_helper
 from salala.mesh import JobError, parse_job
+from salala.mesh._train_stage import StageWork
 from salala.models import (
     InvalidModelError,
     batch_indices,
@@ -159,7 +160,36 @@ def test_bad_optimiser_and_job_settings_are_named() -> None:
         parse_job({**base, "micro_batches": 0}, Path("/"))
     with pytest.raises(JobError, match="unknown dataset 'mnist'"):
         parse_job({**base, "dataset": "mnist"}, Path("/"))
+    with pytest.raises(JobError, match="output must be a string"):
+        parse_job({**base, "output": 123}, Path("/"))
+    with pytest.raises(JobError, match="seed must be 0 or more"):
+        parse_job({**base, "seed": -1}, Path("/"))
+    with pytest.raises(OptimizerError, match="lr > 0"):
+        make_optimizer({"kind": "sgd", "lr": float("inf")})
     assert parse_job(base, Path("/jobs")).package == Path("/jobs/p")
+
+
+def test_a_checkpoint_does_not_move_with_the_parameters(packages: dict[int, Path]) -> None:
+    """The driver may host a stage itself; its checkpoint must stay what it was."""
+    package = load_package(packages[2])
+    fragment = package.fragments[0]
+    params = {n: v.copy() for n, v in package.initial_params()[0].items()}
+    work = StageWork(
+        ModelSession(package.file(fragment.forward)),
+        ModelSession(package.file(fragment.backward)),
+        params,
+        make_optimizer({"kind": "adam", "lr": 0.1}),
+        first=True,
+        last=False,
+    )
+    x = load_digits().x_train[:4]
+    y = work.run_forward(0, x)
+    work.run_backward(0, np.ones_like(y))
+    kept = work.snapshot()
+    before = {n: v.copy() for n, v in kept.items()}
+    work.apply(*work.take_gradients())
+    assert all(np.array_equal(kept[n], before[n]) for n in before)
+    assert not np.array_equal(kept["p." + fragment.params[0]], work.params[fragment.params[0]])
 
 
 # ---- real nodes ---------------------------------------------------------------------
