@@ -101,7 +101,7 @@ def find_cuts(model: onnx.ModelProto) -> list[Cut]:
     for output in graph.output:
         last_use[output.name] = len(nodes)
 
-    cuts = []
+    cuts: list[Cut] = []
     live: set[str] = {i.name for i in graph.input if i.name not in constant}
     for position in range(1, len(nodes)):
         live.update(name for name in nodes[position - 1].output if name and name not in constant)
