@@ -351,3 +351,21 @@ def test_an_export_the_onnx_graph_gets_wrong_is_refused(tmp_path: Path) -> None:
             torch.from_numpy(data.y_train[:8]),
             tmp_path,
         )
+
+
+def test_the_cli_exports_the_digits_package(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [SALALA, "models", "export-digits", str(tmp_path / "pkg"), "--fragments", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(load_package(tmp_path / "pkg").fragments) == 2
+    refused = subprocess.run(
+        [SALALA, "models", "export-digits", str(tmp_path / "bad"), "--fragments", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "1, 2 or 3 fragments" in refused.stderr
