@@ -12,7 +12,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import inference, local, mesh_join, training
+from . import inference, local, mesh_join, training, transport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
     "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
     "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
+    "transport": ("py-libp2p hop on loopback: payload, then a 1-byte answer", transport.run),
     "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
 }
 
