@@ -114,8 +114,12 @@ async def _serve_connection(service: NodeService, limit: int, stream: trio.Socke
                 with trio.fail_after(TRANSFER_TIMEOUT_S):
                     body = await _receive_exactly(stream, length)
                 reply = await _dispatch_with_progress(service, bytes(body), stream)
-                with trio.fail_after(TRANSFER_TIMEOUT_S):
-                    await stream.send_all(pack_frame(reply))
+                try:
+                    with trio.fail_after(TRANSFER_TIMEOUT_S):
+                        await stream.send_all(pack_frame(reply))
+                finally:
+                    if service.stop_after_reply:
+                        service.shutdown_requested.set()
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             return
         except Exception:  # a handler must never take the server down

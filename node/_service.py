@@ -97,6 +97,7 @@ class NodeService:
         self.throughput = throughput
         self.threads = threads
         self.shutdown_requested = trio.Event()
+        self.stop_after_reply = False
         self._started = trio.current_time()
         self._sessions: dict[str, runtime.ModelSession] = {}
         self._loading = trio.Lock()
@@ -235,5 +236,7 @@ class NodeService:
         return {"uri": self.mesh.invite(), "mesh_id": self.mesh.mesh_id}
 
     async def shutdown(self, params: dict[str, Any]) -> dict[str, Any]:
-        self.shutdown_requested.set()
+        """Stop once this call is answered (the API server sets ``shutdown_requested``
+        after sending the reply; stopping first would cut the caller off)."""
+        self.stop_after_reply = True
         return {}

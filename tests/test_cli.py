@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import NodeProcess, minilm_inputs, minilm_path
+from conftest import NodeProcess, minilm_inputs, minilm_path, start_node
 from salala.node._launch import SALALA
 
 pytestmark = pytest.mark.slow
@@ -158,3 +158,16 @@ def test_bad_start_settings_are_one_clear_line(
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_node_stop_is_answered_and_the_node_exits_cleanly(tmp_path: Path) -> None:
+    node = start_node(tmp_path)
+    try:
+        done = salala(node, "node", "stop")
+        assert done.returncode == 0, done.stderr
+        assert "node stopping" in done.stdout
+        assert node.process.wait(30) == 0
+    finally:
+        if node.process.poll() is None:
+            node.process.kill()
+            node.process.wait(10)
