@@ -14,6 +14,7 @@ from ._deploy import Deployer
 from ._mesh import Mesh
 from ._router import Router
 from ._serving import StageServer
+from ._transfer import Fetcher
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Inference:
     server: StageServer
     router: Router
     deployer: Deployer
+    fetcher: Fetcher
 
 
 @asynccontextmanager
@@ -31,7 +33,8 @@ async def open_inference(
     compute: trio.CapacityLimiter,
     max_payload: int,
 ) -> AsyncIterator[Inference]:
-    server = StageServer(mesh, store, threads, compute, max_payload)
+    fetcher = Fetcher(mesh, store)
+    server = StageServer(mesh, fetcher, threads, compute, max_payload)
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
     router.rehost = deployer.rehost
@@ -39,5 +42,5 @@ async def open_inference(
     mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        yield Inference(server, router, deployer)
+        yield Inference(server, router, deployer, fetcher)
         nursery.cancel_scope.cancel()

@@ -22,13 +22,12 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..models import ModelStore
 from ..runtime import InputMismatchError, ModelLoadError, ModelSession
 from ._errors import MeshError, WireError
 from ._frames import encode_frame, payload_size, read_header, read_payload, write_frame
 from ._mesh import Mesh
 from ._peerid import short_id
-from ._transfer import Progress, fetch_object
+from ._transfer import Fetcher, Progress
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +123,13 @@ class StageServer:
     def __init__(
         self,
         mesh: Mesh,
-        store: ModelStore,
+        fetcher: Fetcher,
         threads: int | None,
         compute: trio.CapacityLimiter,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.mesh = mesh
-        self.store = store
+        self.fetcher = fetcher
         self.threads = threads
         self.max_payload = max_payload
         self.served: Counter[str] = Counter()  # fragment sha -> stage runs
@@ -158,7 +157,7 @@ class StageServer:
     ) -> None:
         """Fetch (if needed), load and warm a stage; then advertise it."""
         if entry.fragment not in self._sessions:
-            path = await fetch_object(self.mesh, self.store, entry.fragment, sources, progress)
+            path = await self.fetcher.fetch(entry.fragment, sources, progress)
             try:
                 session = await trio.to_thread.run_sync(
                     lambda: ModelSession(path, threads=self.threads)

@@ -38,6 +38,7 @@ from ._peerid import short_id
 from ._train_job import JobError, TrainJob
 from ._train_stage import PARAM
 from ._training import TrainServer, save_checkpoint
+from ._transfer import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -341,13 +342,18 @@ class Training:
 
 @asynccontextmanager
 async def open_training(
-    mesh: Mesh, store: ModelStore, threads: int | None, compute: trio.CapacityLimiter, root: Path
+    mesh: Mesh,
+    store: ModelStore,
+    fetcher: Fetcher,
+    threads: int | None,
+    compute: trio.CapacityLimiter,
+    root: Path,
 ) -> AsyncIterator[Training]:
     """Serve training stages and drive jobs for as long as the node runs.
 
     ``root`` keeps checkpoints: the stages' own under ``stages/``, collected ones by job.
     """
-    server = TrainServer(mesh, store, threads, compute, root / "stages")
+    server = TrainServer(mesh, fetcher, threads, compute, root / "stages")
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         yield Training(server, Driver(mesh, server, store, root))

@@ -33,7 +33,6 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..models import ModelStore
 from ..runtime import ModelSession, make_optimizer
 from ._errors import WireError
 from ._frames import encode_frame, payload_size, read_header, read_payload
@@ -41,7 +40,7 @@ from ._mesh import Mesh
 from ._peerid import short_id
 from ._serving import LinkError, Links
 from ._train_stage import StageWork, split_snapshot
-from ._transfer import fetch_object
+from ._transfer import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +81,13 @@ class TrainServer:
     def __init__(
         self,
         mesh: Mesh,
-        store: ModelStore,
+        fetcher: Fetcher,
         threads: int | None,
         compute: trio.CapacityLimiter,
         checkpoint_root: Path,
     ) -> None:
         self.mesh = mesh
-        self.store = store
+        self.fetcher = fetcher
         self.threads = threads
         self.checkpoint_root = checkpoint_root
         self.links = Links(mesh, PROTOCOL)
@@ -97,7 +96,6 @@ class TrainServer:
         self._inboxes: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], None]] = {}
         self._work_send, self._work_receive = trio.open_memory_channel[Frame](QUEUE)
         self._sends = trio.CapacityLimiter(SENDS_IN_FLIGHT)
-        self._fetching: dict[str, trio.Lock] = {}
         self._ended: set[str] = set()  # job ids; a late setup must not revive one
         self._nursery: trio.Nursery | None = None
 
@@ -250,9 +248,7 @@ class TrainServer:
         driver = str(header["driver"])
         paths = []
         for name in ("forward", "backward"):
-            # replicas set up on one peer fetch the same graph: one download, not two
-            async with self._fetching.setdefault(header[name], trio.Lock()):
-                paths.append(await fetch_object(self.mesh, self.store, header[name], [driver]))
+            paths.append(await self.fetcher.fetch(header[name], [driver]))
         optimizer = make_optimizer(header["optimizer"])
         params, state = split_snapshot(tensors)
         optimizer.state = {n: v.copy() for n, v in state.items()}

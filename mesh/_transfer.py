@@ -137,3 +137,23 @@ async def fetch_object(
     raise TransferError(
         f"no peer could supply fragment {sha256[:12]} ({'; '.join(failures) or 'no sources'})"
     )
+
+
+class Fetcher:
+    """Fetches objects into one node's store, one download per hash at a time.
+
+    Two stages set up on one node at once (replicas of a training stage, or a deploy
+    racing a re-host) may want the same object; they share its ``.part`` file, so the
+    second waits for the first and then finds the object stored.
+    """
+
+    def __init__(self, mesh: Mesh, store: ModelStore) -> None:
+        self._mesh = mesh
+        self._store = store
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def fetch(
+        self, sha256: str, sources: list[str], progress: Progress | None = None
+    ) -> Path:
+        async with self._locks.setdefault(sha256, trio.Lock()):
+            return await fetch_object(self._mesh, self._store, sha256, sources, progress)

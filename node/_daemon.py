@@ -117,7 +117,9 @@ async def run_node(
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(mesh, store, config.threads, compute, config.max_tensor_bytes) as inference,
-        open_training(mesh, store, config.threads, compute, data_dir.training) as training,
+        open_training(
+            mesh, store, inference.fetcher, config.threads, compute, data_dir.training
+        ) as training,
         trio.open_nursery() as nursery,
     ):
         started.append(inference)
