@@ -13,7 +13,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo
-from salala.mesh._host import open_host
+from salala.mesh.membership._host import open_host
 
 PROTOCOL = TProtocol("/salala-bench/ping/1.0.0")
 SIZES = (16, 64 << 10, 196 << 10, 1 << 20)

@@ -1,31 +1,37 @@
-"""Everything between devices: the libp2p host, the mesh key, discovery and membership."""
+"""Everything between devices, in four rooms whose imports point down:
 
-from ._codecs import CODECS as CODECS
-from ._deploy import DeployError as DeployError
+- ``membership``: the libp2p host, the mesh key, discovery and the member table;
+- ``wire``: frames, codecs, links and transfer, shared by the two below;
+- ``inference``: placement, stage servers, routing with replay, deploys;
+- ``training``: training jobs, stages and their driver.
+"""
+
 from ._errors import AuthError as AuthError
 from ._errors import ListenAddressError as ListenAddressError
 from ._errors import MeshError as MeshError
 from ._errors import WireError as WireError
-from ._inference import Inference as Inference
-from ._inference import open_inference as open_inference
-from ._interfaces import InterfaceError as InterfaceError
-from ._invite import InviteError as InviteError
-from ._invite import make_invite as make_invite
-from ._invite import parse_invite as parse_invite
-from ._mesh import LocalState as LocalState
-from ._mesh import Mesh as Mesh
-from ._mesh import MeshConfig as MeshConfig
-from ._mesh import open_mesh as open_mesh
-from ._meshkey import MeshKey as MeshKey
-from ._meshkey import MeshKeyError as MeshKeyError
 from ._peerid import short_id as short_id
-from ._placement import PlacementError as PlacementError
-from ._router import NoRouteError as NoRouteError
-from ._router import StageRefusal as StageRefusal
-from ._router import UnknownDeploymentError as UnknownDeploymentError
-from ._train_driver import Training as Training
-from ._train_driver import TrainingError as TrainingError
-from ._train_driver import open_training as open_training
-from ._train_job import JobError as JobError
-from ._train_job import TrainJob as TrainJob
-from ._train_job import parse_job as parse_job
+from .inference import DeployError as DeployError
+from .inference import Inference as Inference
+from .inference import NoRouteError as NoRouteError
+from .inference import PlacementError as PlacementError
+from .inference import StageRefusal as StageRefusal
+from .inference import UnknownDeploymentError as UnknownDeploymentError
+from .inference import open_inference as open_inference
+from .membership import InterfaceError as InterfaceError
+from .membership import InviteError as InviteError
+from .membership import LocalState as LocalState
+from .membership import Mesh as Mesh
+from .membership import MeshConfig as MeshConfig
+from .membership import MeshKey as MeshKey
+from .membership import MeshKeyError as MeshKeyError
+from .membership import make_invite as make_invite
+from .membership import open_mesh as open_mesh
+from .membership import parse_invite as parse_invite
+from .training import JobError as JobError
+from .training import Training as Training
+from .training import TrainingError as TrainingError
+from .training import TrainJob as TrainJob
+from .training import open_training as open_training
+from .training import parse_job as parse_job
+from .wire import CODECS as CODECS

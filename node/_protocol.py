@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ..mesh._codecs import WIRE_DTYPES as ALLOWED_DTYPES  # one list for every wire
+from ..mesh.wire import WIRE_DTYPES as ALLOWED_DTYPES  # one list for every wire
 from ._errors import BadRequestError
 
 HEADER = struct.Struct(">I")

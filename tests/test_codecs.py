@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 from conftest import minilm_path
-from salala.mesh import _codecs
-from salala.mesh._frames import encode_frame, payload_size
+from salala.mesh.wire import _codecs
+from salala.mesh.wire._frames import encode_frame, payload_size
 from salala.models import ModelStore, sentence_embeddings, split_stored
 from salala.runtime import ModelSession
 

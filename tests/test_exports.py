@@ -1,6 +1,8 @@
 """Each package's public surface is its __init__; everything else is private."""
 
+import ast
 import importlib
+import pathlib
 
 import pytest
 
@@ -56,6 +58,55 @@ SURFACES = {
         "TrainingError",
         "TrainJob",
         "JobError",
+        "parse_job",
+    },
+    "salala.mesh.wire": {
+        "CODECS",
+        "WIRE_DTYPES",
+        "encode_frame",
+        "payload_size",
+        "read_header",
+        "read_payload",
+        "write_frame",
+        "LinkError",
+        "Links",
+        "Streams",
+        "field",
+        "read_message",
+        "write_message",
+        "FETCH_PROTOCOL",
+        "Fetcher",
+        "Progress",
+        "serve_fetch",
+    },
+    "salala.mesh.membership": {
+        "check_serving",
+        "InterfaceError",
+        "InviteError",
+        "make_invite",
+        "parse_invite",
+        "LocalState",
+        "Mesh",
+        "MeshConfig",
+        "open_mesh",
+        "MeshKey",
+        "MeshKeyError",
+    },
+    "salala.mesh.inference": {
+        "DeployError",
+        "Inference",
+        "open_inference",
+        "PlacementError",
+        "NoRouteError",
+        "StageRefusal",
+        "UnknownDeploymentError",
+    },
+    "salala.mesh.training": {
+        "Training",
+        "TrainingError",
+        "open_training",
+        "JobError",
+        "TrainJob",
         "parse_job",
     },
     "salala.runtime": {
@@ -124,17 +175,67 @@ def test_public_names_are_exactly_the_surface(package: str) -> None:
     assert public == SURFACES[package]
 
 
-def test_lower_layers_do_not_import_upper_ones() -> None:
-    import pathlib
+# Each room may import only the rooms listed here, besides itself.
+LAYERS = {
+    "salala.runtime": set(),
+    "salala.models": set(),
+    "salala.mesh.wire": {"salala.models", "salala.runtime"},
+    "salala.mesh.membership": {"salala.mesh.wire", "salala.models", "salala.runtime"},
+    "salala.mesh.inference": {
+        "salala.mesh.wire",
+        "salala.mesh.membership",
+        "salala.models",
+        "salala.runtime",
+    },
+    "salala.mesh.training": {
+        "salala.mesh.wire",
+        "salala.mesh.membership",
+        "salala.models",
+        "salala.runtime",
+    },
+    "salala.mesh": {
+        "salala.mesh.wire",
+        "salala.mesh.membership",
+        "salala.mesh.inference",
+        "salala.mesh.training",
+    },
+}
+ROOMS = ["salala.node", *LAYERS]
+# The error tree and how peer ids are shown are leaves every room of the mesh may use.
+SHARED_BY_MESH = ("salala.mesh._errors", "salala.mesh._peerid")
 
+
+def _room(module: str) -> str:
+    return next(room for room in sorted(ROOMS, key=len, reverse=True) if module.startswith(room))
+
+
+def _imports(source: pathlib.Path, module: str) -> list[str]:
+    package = module.rpartition(".")[0] if source.name != "__init__.py" else module
+    found = []
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            target = ".".join(p for p in (base, node.module or "") if p)
+            found += [target] + [f"{target}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+    return [name for name in found if name.startswith("salala.")]
+
+
+def test_imports_point_down_and_cross_rooms_only_through_their_faces() -> None:
     root = pathlib.Path(__file__).resolve().parent.parent
-    for package, forbidden in {
-        "runtime": ("mesh", "node"),
-        "models": ("mesh", "node"),
-        "mesh": ("node",),
-    }.items():
-        for source in (root / package).glob("*.py"):
-            text = source.read_text()
-            for upper in forbidden:
-                assert f"from ..{upper}" not in text, f"{source} imports {upper}"
-                assert f"salala.{upper}" not in text, f"{source} imports {upper}"
+    checked = 0
+    for folder in ("runtime", "models", "mesh"):
+        for source in (root / folder).rglob("*.py"):
+            parts = source.relative_to(root).with_suffix("").parts
+            module = ".".join(("salala", *parts)).removesuffix(".__init__")
+            room = _room(module)
+            for target in _imports(source, module):
+                other = _room(target)
+                if other == room or target.startswith(SHARED_BY_MESH) and room in LAYERS:
+                    continue
+                assert other in LAYERS[room], f"{module} imports {target}: not below {room}"
+                private = target.removeprefix(other).lstrip(".").split(".")
+                assert not private[0].startswith("_"), f"{module} reaches into {target}"
+                checked += 1
+    assert checked > 20  # the walk really saw the cross-room imports

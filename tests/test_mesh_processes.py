@@ -19,9 +19,10 @@ from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from mesh_helpers import identity, mesh_of, peer_ids, wait_until
-from salala.mesh import AuthError, MeshKey, WireError, _auth, _sync
-from salala.mesh._host import open_host
-from salala.mesh._wire import read_message, write_message
+from salala.mesh import AuthError, MeshKey, WireError
+from salala.mesh.membership import _auth, _sync
+from salala.mesh.membership._host import open_host
+from salala.mesh.wire._messages import read_message, write_message
 from salala.node._launch import SALALA
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from salala.mesh import InviteError, MeshKey, MeshKeyError, WireError, make_invite, parse_invite
-from salala.mesh import _interfaces as interfaces
-from salala.mesh._adverts import Advert, advert_from_wire
-from salala.mesh._membership import Change, Membership
-from salala.mesh._sync import parse_sync, sync_message
+from salala.mesh.membership import _interfaces as interfaces
+from salala.mesh.membership._adverts import Advert, advert_from_wire
+from salala.mesh.membership._sync import parse_sync, sync_message
+from salala.mesh.membership._table import Change, Membership
 from salala.runtime import probe_capacity
 
 

@@ -5,7 +5,7 @@ import itertools
 import onnx
 import pytest
 from conftest import minilm_path
-from salala.mesh._placement import PeerCapacity, PlacementError, plan_placement
+from salala.mesh.inference._placement import PeerCapacity, PlacementError, plan_placement
 from salala.models import CutAnalysis, analyze
 
 

@@ -12,9 +12,10 @@ import pytest
 import trio
 from conftest import NodeProcess, minilm_inputs, minilm_path, start_node
 from mesh_helpers import formed, identity, mesh_of, peer_ids, wait_until
-from salala.mesh import MeshKey, _auth
-from salala.mesh._host import open_host
-from salala.mesh._serving import PROTOCOL as INFER
+from salala.mesh import MeshKey
+from salala.mesh.inference._serving import PROTOCOL as INFER
+from salala.mesh.membership import _auth
+from salala.mesh.membership._host import open_host
 from salala.node import BadRequestError, InvalidInputError, NoRouteError, UnknownModelError
 
 pytestmark = pytest.mark.slow

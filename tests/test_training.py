@@ -17,7 +17,7 @@ from conftest import NodeProcess
 from mesh_helpers import formed, identity, mesh_of, wait_until
 from onnx import numpy_helper
 from salala.mesh import JobError, parse_job
-from salala.mesh._train_stage import StageWork
+from salala.mesh.training._stage import StageWork
 from salala.models import (
     InvalidModelError,
     batch_indices,

@@ -16,15 +16,15 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..models import MODEL_FILE, ModelStore
-from ._errors import MeshError, WireError
-from ._mesh import Mesh
-from ._peerid import short_id
-from ._wire import field, read_message, write_message
+from ...models import MODEL_FILE, ModelStore
+from .._errors import MeshError, WireError
+from .._peerid import short_id
+from ._links import Streams
+from ._messages import field, read_message, write_message
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = TProtocol("/salala/fetch/1.0.0")
+FETCH_PROTOCOL = TProtocol("/salala/fetch/1.0.0")
 CHUNK = 1 << 20
 STALL_TIMEOUT_S = 15.0  # a transfer may be long, but each chunk must keep coming
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -63,10 +63,10 @@ async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> No
 
 
 async def _fetch_from(
-    mesh: Mesh, peer_id: str, sha256: str, part: Path, progress: Progress | None
+    mesh: Streams, peer_id: str, sha256: str, part: Path, progress: Progress | None
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
-    stream = await mesh.open_stream(peer_id, PROTOCOL)
+    stream = await mesh.open_stream(peer_id, FETCH_PROTOCOL)
     try:
         await write_message(stream, {"sha256": sha256, "offset": offset})
         reply = await read_message(stream)
@@ -99,7 +99,11 @@ def _sha256_of(path: Path) -> str:
 
 
 async def fetch_object(
-    mesh: Mesh, store: ModelStore, sha256: str, sources: list[str], progress: Progress | None = None
+    mesh: Streams,
+    store: ModelStore,
+    sha256: str,
+    sources: list[str],
+    progress: Progress | None = None,
 ) -> Path:
     """The object's path in our store, fetched from the first source that has it."""
     _check_hash(sha256)
@@ -147,7 +151,7 @@ class Fetcher:
     second waits for the first and then finds the object stored.
     """
 
-    def __init__(self, mesh: Mesh, store: ModelStore) -> None:
+    def __init__(self, mesh: Streams, store: ModelStore) -> None:
         self._mesh = mesh
         self._store = store
         self._locks: dict[str, trio.Lock] = {}

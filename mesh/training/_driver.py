@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from ..models import (
+from ...models import (
     ModelError,
     ModelStore,
     TrainingPackage,
@@ -31,14 +31,14 @@ from ..models import (
     load_digits,
     load_package,
 )
-from ..runtime import ModelSession
-from ._errors import MeshError
-from ._mesh import Mesh
-from ._peerid import short_id
-from ._train_job import JobError, TrainJob
-from ._train_stage import PARAM
-from ._training import TrainServer, save_checkpoint
-from ._transfer import Fetcher
+from ...runtime import ModelSession
+from .._errors import MeshError
+from .._peerid import short_id
+from ..membership import Mesh
+from ..wire import Fetcher
+from ._job import JobError, TrainJob
+from ._server import TrainServer, save_checkpoint
+from ._stage import PARAM
 
 log = logging.getLogger(__name__)
 

@@ -22,18 +22,16 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..runtime import InputMismatchError, ModelLoadError, ModelSession
-from ._errors import MeshError, WireError
-from ._frames import encode_frame, payload_size, read_header, read_payload, write_frame
-from ._mesh import Mesh
-from ._peerid import short_id
-from ._transfer import Fetcher, Progress
+from ...runtime import InputMismatchError, ModelLoadError, ModelSession
+from .._errors import MeshError, WireError
+from .._peerid import short_id
+from ..membership import Mesh
+from ..wire import Fetcher, Links, Progress, encode_frame, payload_size, read_header, read_payload
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = TProtocol("/salala/infer/1.0.0")
 QUEUE = 8
-WRITE_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 3600.0
 FORWARDS_IN_FLIGHT = 4
@@ -75,35 +73,6 @@ class ServingEntry:
         return asdict(self)
 
 
-class LinkError(MeshError):
-    """A frame could not be sent to a peer."""
-
-
-class Links:
-    """One outbound stream per peer for one protocol, written by one sender at a time."""
-
-    def __init__(self, mesh: Mesh, protocol: TProtocol = PROTOCOL) -> None:
-        self._mesh = mesh
-        self._protocol = protocol
-        self._streams: dict[str, INetStream] = {}
-        self._locks: dict[str, trio.Lock] = {}
-
-    async def send(self, peer_id: str, head: bytes, views: list[memoryview]) -> None:
-        async with self._locks.setdefault(peer_id, trio.Lock()):
-            for fresh in (False, True):  # a stream from before a restart fails once
-                stream = self._streams.get(peer_id)
-                try:
-                    if stream is None or fresh:
-                        stream = await self._mesh.open_stream(peer_id, self._protocol)
-                        self._streams[peer_id] = stream
-                    await write_frame(stream, head, views, WRITE_TIMEOUT_S)
-                    return
-                except Exception as exc:  # resets, timeouts, closed connections
-                    self._streams.pop(peer_id, None)
-                    if fresh:
-                        raise LinkError(f"cannot send to {short_id(peer_id)}: {exc!r}") from exc
-
-
 def _warm(session: ModelSession) -> None:
     """One run on zeros so the first real request does not pay for allocation."""
     feeds = {}
@@ -133,7 +102,7 @@ class StageServer:
         self.threads = threads
         self.max_payload = max_payload
         self.served: Counter[str] = Counter()  # fragment sha -> stage runs
-        self.links = Links(mesh)
+        self.links = Links(mesh, PROTOCOL)
         self.on_reply: Callable[[dict[str, Any], dict[str, np.ndarray]], None] = lambda h, t: None
         self._compute = compute
         self._hosted: dict[tuple[str, int], ServingEntry] = {}

@@ -11,9 +11,9 @@ from typing import Any
 
 from libp2p.custom_types import TProtocol
 
+from .._errors import WireError
+from ..wire import field
 from ._adverts import Advert
-from ._errors import WireError
-from ._wire import field
 
 PROTOCOL = TProtocol("/salala/mesh/1.0.0")
 MAX_SYNC_FRAME = 4 << 20

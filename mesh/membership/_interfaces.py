@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from ._errors import MeshError
+from .._errors import MeshError
 
 # Bridges and virtual links that containers and VMs create on a laptop.
 _VIRTUAL_PREFIXES = (

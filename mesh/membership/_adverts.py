@@ -13,7 +13,7 @@ import msgpack
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
-from ._errors import WireError
+from .._errors import WireError
 
 VERSION = 1
 MAX_ADDRS = 16

@@ -12,7 +12,7 @@ import msgpack
 import trio
 from libp2p.abc import INetStream
 
-from ._errors import WireError
+from .._errors import WireError
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20  # control messages; tensors get their own limit

@@ -29,17 +29,17 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
+from .._errors import AuthError, MeshError, WireError
+from .._peerid import short_id
+from ..wire import read_message, write_message
 from . import _auth, _sync
 from ._adverts import Advert, advert_from_wire, capacity_changed
-from ._errors import AuthError, MeshError, WireError
 from ._host import open_host, parse_multiaddrs
 from ._interfaces import Interface, advertised_addrs, select_interfaces
 from ._invite import make_invite
 from ._mdns import run_mdns
-from ._membership import Change, Membership
 from ._meshkey import MeshKey
-from ._peerid import short_id
-from ._wire import read_message, write_message
+from ._table import Change, Membership
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from ._errors import ListenAddressError
+from .._errors import ListenAddressError
 
 # Multistream and Noise negotiation of a new connection must finish within this; a
 # client that connects and says nothing is dropped after it.

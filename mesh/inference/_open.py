@@ -8,13 +8,13 @@ from functools import partial
 
 import trio
 
-from ..models import ModelStore
-from . import _deploy, _transfer
+from ...models import ModelStore
+from ..membership import Mesh
+from ..wire import FETCH_PROTOCOL, Fetcher, serve_fetch
+from . import _deploy
 from ._deploy import Deployer
-from ._mesh import Mesh
 from ._router import Router
 from ._serving import StageServer
-from ._transfer import Fetcher
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ async def open_inference(
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
     router.rehost = deployer.rehost
-    mesh.handle(_transfer.PROTOCOL, partial(_transfer.serve_fetch, store))
+    mesh.handle(FETCH_PROTOCOL, partial(serve_fetch, store))
     mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime import ModelSession, Optimizer
+from ...runtime import ModelSession, Optimizer
 
 PARAM = "p."
 OPTIM = "o."

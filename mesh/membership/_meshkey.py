@@ -11,7 +11,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from ._errors import MeshError
+from .._errors import MeshError
 
 PREFIX = "salala-mesh-"
 

@@ -21,9 +21,9 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from ._errors import AuthError, WireError
+from .._errors import AuthError, WireError
+from ..wire import field, read_message, write_message
 from ._meshkey import MeshKey
-from ._wire import field, read_message, write_message
 
 PROTOCOL = TProtocol("/salala/auth/1.0.0")
 HANDSHAKE_TIMEOUT_S = 5.0

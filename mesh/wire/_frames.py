@@ -15,9 +15,9 @@ import numpy as np
 import trio
 from libp2p.abc import INetStream
 
+from .._errors import WireError
 from . import _codecs
-from ._errors import WireError
-from ._wire import HEADER, read_exactly
+from ._messages import HEADER, read_exactly
 
 MAX_HEADER = 1 << 20
 CHUNK = 4 << 20

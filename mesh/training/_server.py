@@ -33,14 +33,12 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..runtime import ModelSession, make_optimizer
-from ._errors import WireError
-from ._frames import encode_frame, payload_size, read_header, read_payload
-from ._mesh import Mesh
-from ._peerid import short_id
-from ._serving import LinkError, Links
-from ._train_stage import StageWork, split_snapshot
-from ._transfer import Fetcher
+from ...runtime import ModelSession, make_optimizer
+from .._errors import WireError
+from .._peerid import short_id
+from ..membership import Mesh
+from ..wire import Fetcher, LinkError, Links, encode_frame, payload_size, read_header, read_payload
+from ._stage import StageWork, split_snapshot
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from ..models import Cut, CutAnalysis
-from ._errors import MeshError
+from ...models import Cut, CutAnalysis
+from .._errors import MeshError
 
 DEFAULT_BANDWIDTH = 100e6  # bytes/s; a LAN. Not measured yet.
 MEMORY_FACTOR = 3.0  # a session needs about this many times its weight bytes

@@ -17,16 +17,14 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ..models import CutAnalysis, ModelStore, StoredModel, analyze, split_stored_at
-from ._adverts import check_serving
-from ._codecs import CODECS
-from ._errors import MeshError
-from ._mesh import Mesh
-from ._peerid import short_id
+from ...models import CutAnalysis, ModelStore, StoredModel, analyze, split_stored_at
+from .._errors import MeshError
+from .._peerid import short_id
+from ..membership import Mesh, check_serving
+from ..wire import CODECS, field, read_message, write_message
 from ._placement import PeerCapacity, PlacementError, plan_placement
 from ._router import Router
 from ._serving import ServingEntry, StageServer
-from ._wire import field, read_message, write_message
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import trio
 
-from ._errors import MeshError
-from ._mesh import Mesh
-from ._peerid import short_id
-from ._serving import LinkError, ServingEntry, StageServer
+from .._errors import MeshError
+from .._peerid import short_id
+from ..membership import Mesh
+from ..wire import LinkError
+from ._serving import ServingEntry, StageServer
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import ModelError, check_name
-from ..runtime import OptimizerError, make_optimizer
-from ._errors import MeshError
+from ...models import ModelError, check_name
+from ...runtime import OptimizerError, make_optimizer
+from .._errors import MeshError
 
 DATASETS = ("digits",)
 MAX_MICRO_BATCHES = 32

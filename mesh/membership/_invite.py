@@ -8,7 +8,7 @@ shown on your own screen, a message to yourself).
 
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from ._errors import MeshError
+from .._errors import MeshError
 from ._meshkey import MeshKey
 
 SCHEME = "salala"
