@@ -232,7 +232,7 @@ def test_imports_point_down_and_cross_rooms_only_through_their_faces() -> None:
             room = _room(module)
             for target in _imports(source, module):
                 other = _room(target)
-                if other == room or target.startswith(SHARED_BY_MESH) and room in LAYERS:
+                if other == room or (target.startswith(SHARED_BY_MESH) and room in LAYERS):
                     continue
                 assert other in LAYERS[room], f"{module} imports {target}: not below {room}"
                 private = target.removeprefix(other).lstrip(".").split(".")
