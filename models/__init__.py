@@ -11,6 +11,7 @@ from ._digits import export_digits as export_digits
 from ._digits import load_digits as load_digits
 from ._errors import InvalidModelError as InvalidModelError
 from ._errors import ModelError as ModelError
+from ._errors import PathEscapeError as PathEscapeError
 from ._errors import SplitError as SplitError
 from ._errors import UnknownModelError as UnknownModelError
 from ._export_training import export_training as export_training
@@ -19,6 +20,7 @@ from ._fragments import SplitPlan as SplitPlan
 from ._fragments import held_fragments as held_fragments
 from ._fragments import split_stored as split_stored
 from ._fragments import split_stored_at as split_stored_at
+from ._paths import inside as inside
 from ._split import Cut as Cut
 from ._split import CutAnalysis as CutAnalysis
 from ._split import analyze as analyze

@@ -3,7 +3,8 @@
 ModelError
 ├── InvalidModelError     not a usable ONNX model (garbage, truncated, unsafe paths)
 ├── UnknownModelError     no model by that name or hash in the store
-└── SplitError            the model cannot be cut the way that was asked
+├── SplitError            the model cannot be cut the way that was asked
+└── PathEscapeError       a name would place a file outside the folder meant for it
 """
 
 
@@ -21,3 +22,7 @@ class UnknownModelError(ModelError, LookupError):
 
 class SplitError(ModelError, ValueError):
     """The model has too few single-activation cut points for the requested parts."""
+
+
+class PathEscapeError(ModelError, ValueError):
+    """A file would land outside the folder it belongs in (``..``, absolute, symlink)."""

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
-DEFAULT_MAX_TENSOR_BYTES = 256 << 20  # per inference frame between peers
+DEFAULT_MAX_TENSOR_BYTES = 256 << 20  # per inference or training frame between peers
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,13 @@ async def run_node(
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(mesh, store, config.threads, compute, config.max_tensor_bytes) as inference,
         open_training(
-            mesh, store, inference.fetcher, config.threads, compute, data_dir.training
+            mesh,
+            store,
+            inference.fetcher,
+            config.threads,
+            compute,
+            data_dir.training,
+            config.max_tensor_bytes,
         ) as training,
         trio.open_nursery() as nursery,
     ):

@@ -8,9 +8,12 @@ from libp2p.peer.id import ID
 from salala.mesh import InviteError, MeshKey, MeshKeyError, WireError, make_invite, parse_invite
 from salala.mesh.membership import _interfaces as interfaces
 from salala.mesh.membership._adverts import Advert, advert_from_wire
-from salala.mesh.membership._sync import parse_sync, sync_message
+from salala.mesh.membership._sync import SYNC, parse_sync, sync_message
 from salala.mesh.membership._table import Change, Membership
+from salala.mesh.wire import validate
 from salala.runtime import probe_capacity
+
+PEER = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
 
 
 def test_mesh_keys_round_trip_and_hide_their_secret() -> None:
@@ -105,9 +108,9 @@ def test_forged_or_malformed_adverts_are_refused(tamper, message: str) -> None:
 
 
 def test_serving_entries_carry_a_whole_plan() -> None:
-    stage = {"fragment": "ab" * 32, "inputs": ["x", "mask"], "outputs": ["h"]}
+    stage = {"fragment": "ab" * 32, "bytes": 1000, "inputs": ["x", "mask"], "outputs": ["h"]}
     entry = {
-        "deployment": "m@1",
+        "deployment": "m@1-abcdefgh",
         "created": 1,
         "model": "m",
         "stage": 1,
@@ -122,9 +125,12 @@ def test_serving_entries_carry_a_whole_plan() -> None:
         {**entry, "plan": []},
         {**entry, "plan": [{"fragment": 1}]},
         {**entry, "stages": 2},
+        {**entry, "codec": "zip"},
+        {**entry, "model": "../m"},
+        {**entry, "plan": [{**stage, "bytes": -1}, stage]},
     ):
         bad = dataclasses.replace(advert, serving=(broken,), sig=b"").signed(key_pair.private_key)
-        with pytest.raises(WireError):
+        with pytest.raises(WireError, match=r"serving\[0\]"):
             advert_from_wire(bad.to_wire())
 
 
@@ -199,7 +205,7 @@ def test_digests_select_only_what_the_other_side_lacks() -> None:
     assert set(a.peer_id for a in table.newer_than({})) == {own.peer_id, peer.peer_id}
     assert table.newer_than(table.digest()) == []
     assert table.newer_than({**table.digest(), peer.peer_id: (100, 2)}) == [peer]
-    digest, adverts = parse_sync(sync_message(table.digest(), [peer]))
+    digest, adverts = parse_sync(validate(sync_message(table.digest(), [peer]), SYNC))
     assert digest == table.digest() and advert_from_wire(adverts[0]) == peer
 
 
@@ -208,14 +214,17 @@ def test_digests_select_only_what_the_other_side_lacks() -> None:
     [
         {},
         {"digest": [], "adverts": []},
-        {"digest": {"p": [1]}, "adverts": []},
-        {"digest": {"p": [1, "2"]}, "adverts": []},
+        {"digest": {"p": [1, 2]}, "adverts": []},
+        {"digest": {PEER: [1]}, "adverts": []},
+        {"digest": {PEER: [1, "2"]}, "adverts": []},
+        {"digest": {PEER: [1, 2]}, "adverts": [[]]},
         {"digest": {}, "adverts": [{}] * 2000},
+        {"digest": {}, "adverts": [], "extra": 1},
     ],
 )
 def test_malformed_sync_messages_are_refused(message: dict) -> None:
     with pytest.raises(WireError):
-        parse_sync(message)
+        validate(message, SYNC)
 
 
 def test_default_interfaces_skip_loopback_and_container_bridges(

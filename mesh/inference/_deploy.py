@@ -8,8 +8,8 @@ progress as it goes. The deploy returns once the deployer sees every stage adver
 """
 
 import logging
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -20,8 +20,9 @@ from libp2p.custom_types import TProtocol
 from ...models import CutAnalysis, ModelStore, StoredModel, analyze, split_stored_at
 from .._errors import MeshError
 from .._peerid import short_id
-from ..membership import Mesh, check_serving
-from ..wire import CODECS, field, read_message, write_message
+from ..membership import Mesh
+from ..wire import CODECS, SchemaError, read_message, write_message
+from ._headers import HOST_REPLY, HOST_REQUEST
 from ._placement import PeerCapacity, PlacementError, plan_placement
 from ._router import Router
 from ._serving import ServingEntry, StageServer
@@ -41,11 +42,18 @@ class DeployError(MeshError):
 
 
 async def serve_deploy(server: StageServer, peer_id: str, stream: INetStream) -> None:
-    """Host the stage a member asks us to, reporting fetch progress until it is ready."""
-    request = await read_message(stream)
-    (raw,) = check_serving([field(request, "entry", dict)])
-    sources = [s for s in field(request, "sources", list) if isinstance(s, str)]
-    entry = ServingEntry(**raw)
+    """Host the stage a member asks us to, reporting fetch progress until it is ready.
+
+    A request that fails HOST_REQUEST is answered with the field at fault (an unknown
+    codec is named, with the codecs this node supports), and nothing is fetched.
+    """
+    try:
+        request = await read_message(stream, HOST_REQUEST)
+    except SchemaError as exc:
+        await write_message(stream, {"ok": False, "error": str(exc), "field": exc.field})
+        return
+    entry = ServingEntry(**request["entry"])
+    sources = request["sources"]
     progress = {"bytes": 0, "total": 0}
 
     def note(done: int, total: int) -> None:
@@ -56,16 +64,16 @@ async def serve_deploy(server: StageServer, peer_id: str, stream: INetStream) ->
             await trio.sleep(PROGRESS_EVERY_S)
             await write_message(stream, {"progress": dict(progress)})
 
-    try:
-        with trio.fail_after(HOST_TIMEOUT_S):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(report)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report)
+        try:
+            with trio.fail_after(HOST_TIMEOUT_S):
                 await server.host(entry, sources, note)
-                nursery.cancel_scope.cancel()
-    except MeshError as exc:
-        await write_message(stream, {"ok": False, "error": str(exc)})
-        return
-    await write_message(stream, {"ok": True})
+            verdict: dict[str, Any] = {"ok": True}
+        except (MeshError, trio.TooSlowError) as exc:  # caught here, not as a task group
+            verdict = {"ok": False, "error": str(exc) or "hosting timed out"}
+        nursery.cancel_scope.cancel()
+    await write_message(stream, verdict)
 
 
 class Deployer:
@@ -113,11 +121,11 @@ class Deployer:
             await write_message(stream, {"entry": entry.to_dict(), "sources": sources})
             with trio.fail_after(HOST_TIMEOUT_S):
                 while True:
-                    reply = await read_message(stream, timeout=HOST_TIMEOUT_S)
+                    reply = await read_message(stream, HOST_REPLY, HOST_TIMEOUT_S)
                     if "progress" in reply:
                         progress({**label, "state": "fetching", **reply["progress"]})
                         continue
-                    if reply.get("ok") is not True:
+                    if not reply.get("ok"):
                         why = reply.get("error")
                         raise DeployError(
                             f"{short_id(peer_id)} cannot host stage {entry.stage}: {why}"
@@ -149,10 +157,17 @@ class Deployer:
         plan = await trio.to_thread.run_sync(
             split_stored_at, self.store, stored, analysis, placement.cuts
         )
-        created = time.time_ns() // 1_000_000
-        deployment = f"{stored.name}@{created}"
+        self.router.deployments()  # the clock sees every deployment we know of first
+        created = self.server.clock.tick()
+        deployment = f"{stored.name}@{created}-{short_id(self.mesh.peer_id)}"
         stage_plan = [
-            {"fragment": f.sha256, "inputs": f.inputs, "outputs": f.outputs} for f in plan.fragments
+            {
+                "fragment": f.sha256,
+                "bytes": Path(f.path).stat().st_size,
+                "inputs": f.inputs,
+                "outputs": f.outputs,
+            }
+            for f in plan.fragments
         ]
         first = ServingEntry(deployment, created, stored.name, 0, codec, stage_plan)
         entries = [first.for_stage(i) for i in range(len(stage_plan))]

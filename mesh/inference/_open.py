@@ -16,6 +16,8 @@ from ._deploy import Deployer
 from ._router import Router
 from ._serving import StageServer
 
+RETIRE_EVERY_S = 2.0  # one membership exchange: a finished redeploy is seen by then
+
 
 @dataclass(frozen=True)
 class Inference:
@@ -40,7 +42,14 @@ async def open_inference(
     router.rehost = deployer.rehost
     mesh.handle(FETCH_PROTOCOL, partial(serve_fetch, store))
     mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
+
+    async def retire_replaced() -> None:
+        while True:
+            await trio.sleep(RETIRE_EVERY_S)
+            server.retire(router.current())
+
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        nursery.start_soon(retire_replaced)
         yield Inference(server, router, deployer, fetcher)
         nursery.cancel_scope.cancel()

@@ -78,27 +78,41 @@ class Router:
         self._in_flight: Counter[str] = Counter()
 
     def deployments(self) -> dict[str, Deployment]:
-        """The newest deployment of each model, with the live hosts of each stage."""
-        newest: dict[str, tuple[int, str]] = {}
-        hosted: dict[tuple[str, int], tuple[ServingEntry, list[str]]] = {}
+        """The newest deployment of each model, with the live hosts of each stage.
+
+        Newest by Lamport time (see ``_clock``), preferring deployments whose every stage
+        has a live host: a redeploy still landing, or a member advertising a stage of a
+        deployment that exists nowhere else, does not take a working one's place.
+        """
+        hosted: dict[str, dict[int, tuple[ServingEntry, list[str]]]] = {}
         for member in self.mesh.membership.members():
             peer_id = member.advert.peer_id
             if not self.mesh.is_live(peer_id):
                 continue
             for raw in member.advert.serving:
                 entry = ServingEntry(**raw)
-                if (entry.created, entry.deployment) > newest.get(entry.model, (-1, "")):
-                    newest[entry.model] = (entry.created, entry.deployment)
-                hosted.setdefault((entry.deployment, entry.stage), (entry, []))[1].append(peer_id)
-        result = {}
-        for model, (_, deployment) in newest.items():
-            template = next(e for (dep, _), (e, _) in hosted.items() if dep == deployment)
-            stages = [hosted.get((deployment, i)) for i in range(template.stages)]
-            result[model] = Deployment(
-                entries=[template.for_stage(i) for i in range(template.stages)],
-                hosts=[found[1] if found else [] for found in stages],
-            )
-        return result
+                if not self.server.clock.observe(entry.created):
+                    log.debug("ignoring %s from %s: too far ahead", entry.deployment, peer_id)
+                    continue
+                stages = hosted.setdefault(entry.deployment, {})
+                stages.setdefault(entry.stage, (entry, []))[1].append(peer_id)
+        newest: dict[str, tuple[tuple[bool, int, str], Deployment]] = {}
+        for deployment, stages in hosted.items():
+            template = next(iter(stages.values()))[0]
+            hosts = [stages[i][1] if i in stages else [] for i in range(template.stages)]
+            rank = (all(hosts), template.created, deployment)
+            if template.model not in newest or rank > newest[template.model][0]:
+                entries = [template.for_stage(i) for i in range(template.stages)]
+                newest[template.model] = (rank, Deployment(entries, hosts))
+        return {model: found for model, (_, found) in newest.items()}
+
+    def current(self) -> dict[str, tuple[int, str]]:
+        """The rank of each model's newest deployment that is whole (every stage live)."""
+        return {
+            model: found.entries[0].rank
+            for model, found in self.deployments().items()
+            if all(found.hosts)
+        }
 
     def _route(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
         route = []

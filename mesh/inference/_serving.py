@@ -26,7 +26,20 @@ from ...runtime import InputMismatchError, ModelLoadError, ModelSession
 from .._errors import MeshError, WireError
 from .._peerid import short_id
 from ..membership import Mesh
-from ..wire import Fetcher, Links, Progress, encode_frame, payload_size, read_header, read_payload
+from ..wire import (
+    PEER_ID,
+    Fetcher,
+    Links,
+    Progress,
+    SchemaError,
+    encode_frame,
+    payload_size,
+    read_header,
+    read_payload,
+    validate,
+)
+from ._clock import DeploymentClock
+from ._headers import ATTEMPT, INFER_FRAME, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +76,17 @@ class ServingEntry:
         return str(self.plan[self.stage]["fragment"])
 
     @property
+    def fragment_bytes(self) -> int:
+        return int(self.plan[self.stage]["bytes"])
+
+    @property
     def inputs(self) -> list[str]:
         return list(self.plan[self.stage]["inputs"])
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        """Order among deployments of one model: Lamport time, then the unique id."""
+        return (self.created, self.deployment)
 
     def for_stage(self, stage: int) -> "ServingEntry":
         return replace(self, stage=stage)
@@ -103,6 +125,7 @@ class StageServer:
         self.max_payload = max_payload
         self.served: Counter[str] = Counter()  # fragment sha -> stage runs
         self.links = Links(mesh, PROTOCOL)
+        self.clock = DeploymentClock()  # Lamport time of deployments, shared by the room
         self.on_reply: Callable[[dict[str, Any], dict[str, np.ndarray]], None] = lambda h, t: None
         self._compute = compute
         self._hosted: dict[tuple[str, int], ServingEntry] = {}
@@ -125,8 +148,13 @@ class StageServer:
         self, entry: ServingEntry, sources: list[str], progress: Progress | None = None
     ) -> None:
         """Fetch (if needed), load and warm a stage; then advertise it."""
+        if not self.clock.observe(entry.created):
+            raise MeshError(
+                f"{entry.deployment} claims logical time {entry.created}, implausibly far "
+                f"ahead of this node's {self.clock.value}"
+            )
         if entry.fragment not in self._sessions:
-            path = await self.fetcher.fetch(entry.fragment, sources, progress)
+            path = await self.fetcher.fetch(entry.fragment, entry.fragment_bytes, sources, progress)
             try:
                 session = await trio.to_thread.run_sync(
                     lambda: ModelSession(path, threads=self.threads)
@@ -135,24 +163,41 @@ class StageServer:
                 raise MeshError(f"fragment {entry.fragment[:12]} does not load: {exc}") from exc
             await trio.to_thread.run_sync(_warm, session, limiter=self._compute)
             self._sessions[entry.fragment] = session
-        for key, other in list(self._hosted.items()):
-            if other.model == entry.model and other.created < entry.created:
-                del self._hosted[key]  # a newer deployment of the model replaces it
         self._hosted[(entry.deployment, entry.stage)] = entry
-        in_use = {e.fragment for e in self._hosted.values()}
-        for fragment in list(self._sessions):
-            if fragment not in in_use:
-                del self._sessions[fragment]
         self.mesh.refresh()
+
+    def retire(self, current: dict[str, tuple[int, str]]) -> None:
+        """Stop hosting stages of deployments older than the ``current`` (complete) one of
+        their model, and unload sessions nobody uses any more.
+
+        Older stages are kept until a newer deployment is whole, so a redeploy still
+        landing, or a member advertising part of one that never completes, never leaves
+        a model without a working deployment.
+        """
+        stale = [
+            key
+            for key, entry in self._hosted.items()
+            if entry.model in current and entry.rank < current[entry.model]
+        ]
+        for key in stale:
+            del self._hosted[key]
+        in_use = {e.fragment for e in self._hosted.values()}
+        for fragment in [f for f in self._sessions if f not in in_use]:
+            del self._sessions[fragment]
+        if stale:
+            self.mesh.refresh()
 
     # ---- frames in -----------------------------------------------------------------
 
     async def handle_stream(self, peer_id: str, stream: INetStream) -> None:
+        """Frames from one peer, each checked against INFER_FRAME before anything reads it;
+        a bad one is refused to its requester (if it names one), and the stream reset."""
         while True:
-            header = await read_header(stream, IDLE_TIMEOUT_S)
-            kind = header.get("kind")
-            if kind not in ("infer", "result", "error") or not isinstance(header.get("rid"), str):
-                raise WireError(f"frame kind {kind!r} without a request id")
+            try:
+                header = await read_header(stream, INFER_FRAME, IDLE_TIMEOUT_S)
+            except SchemaError as exc:
+                await self._refuse_unreadable(exc)
+                raise
             size = payload_size(header)
             if size > self.max_payload:
                 await self._refuse(
@@ -162,7 +207,7 @@ class StageServer:
                 )
                 raise WireError("oversized frame")  # its payload is never read: reset the stream
             tensors = await read_payload(stream, header, READ_TIMEOUT_S)
-            if kind == "infer":
+            if header["kind"] == "infer":
                 await self._jobs_send.send((header, tensors))
             else:
                 self.on_reply(header, tensors)
@@ -190,16 +235,31 @@ class StageServer:
         head, views = encode_frame(header, tensors, codec)
         await self.links.send(peer_id, head, views)
 
-    async def _refuse(self, header: dict[str, Any], code: str, message: str, **extra: Any) -> None:
-        reply = header.get("reply")
-        if not isinstance(reply, str):
+    async def _refuse_unreadable(self, exc: SchemaError) -> None:
+        """Tell the requester of a frame that failed its schema, if the frame named one
+        and a request id validly: the error names the bad field."""
+        partial = exc.partial if isinstance(exc.partial, dict) else {}
+        try:
+            reply = validate(partial.get("reply"), PEER_ID)
+            rid = validate(partial.get("rid"), REQUEST_ID)
+        except SchemaError:
             return
+        try:
+            attempt = validate(partial.get("attempt"), ATTEMPT)
+        except SchemaError:
+            attempt = None
+        if partial.get("kind") == "infer":
+            header = {"reply": reply, "rid": rid, "attempt": attempt}
+            await self._refuse(header, "bad_request", str(exc), field=exc.field)
+
+    async def _refuse(self, header: dict[str, Any], code: str, message: str, **extra: Any) -> None:
+        reply = header["reply"]
         error = {
             "kind": "error",
-            "rid": header.get("rid"),
-            "attempt": header.get("attempt"),
+            "rid": header["rid"],
+            "attempt": header["attempt"],
             "code": code,
-            "message": message,
+            "message": message[:4096],
             "peer": self.mesh.peer_id,
             **extra,
         }
@@ -210,29 +270,14 @@ class StageServer:
 
     # ---- the worker ---------------------------------------------------------------
 
-    def _check(self, header: dict[str, Any]) -> ServingEntry:
-        stage, route = header.get("stage"), header.get("route")
-        if not isinstance(stage, int) or not isinstance(route, list) or not 0 <= stage < len(route):
-            raise WireError("infer frame needs a stage inside its route")
-        if not isinstance(header.get("downstream"), list) or len(header["downstream"]) != len(
-            route
-        ):
-            raise WireError("infer frame needs the inputs of every stage")
-        entry = self._hosted.get((str(header.get("dep")), stage))
-        if entry is None:
-            raise LookupError(
-                f"{short_id(self.mesh.peer_id)} does not host stage {stage} of {header.get('dep')}"
-            )
-        return entry
-
     async def _run_stage(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-        try:
-            entry = self._check(header)
-        except WireError as exc:
-            await self._refuse(header, "bad_request", str(exc))
-            return
-        except LookupError as exc:
-            await self._refuse(header, "not_hosted", str(exc))
+        """One INFER-checked frame of stage work (from a peer, or from this node)."""
+        entry = self._hosted.get((header["dep"], header["stage"]))
+        if entry is None or entry.stages != len(header["route"]):
+            where = f"stage {header['stage']} of {header['dep']}"
+            await self._refuse(
+                header, "not_hosted", f"{short_id(self.mesh.peer_id)} does not host {where}"
+            )
             return
         session = self._sessions[entry.fragment]
         feeds = {spec.name: tensors[spec.name] for spec in session.inputs if spec.name in tensors}
@@ -247,14 +292,14 @@ class StageServer:
             return
         self.served[entry.fragment] += 1
         trace = [
-            *header.get("trace", []),
+            *header["trace"],
             [entry.stage, self.mesh.peer_id, round((time.perf_counter() - started) * 1000, 3)],
         ]
         if entry.stage == entry.stages - 1:
             result = {
                 "kind": "result",
                 "rid": header["rid"],
-                "attempt": header.get("attempt"),
+                "attempt": header["attempt"],
                 "trace": trace,
             }
             await self._forward(header["reply"], result, outputs, "raw", header)

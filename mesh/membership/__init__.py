@@ -4,7 +4,8 @@ The libp2p host, the mesh key and its handshake, signed capacity adverts and the
 exchange, the member table, mDNS on chosen interfaces, and invites.
 """
 
-from ._adverts import check_serving as check_serving
+from ._adverts import DEPLOYMENT as DEPLOYMENT
+from ._adverts import SERVING_ENTRY as SERVING_ENTRY
 from ._interfaces import InterfaceError as InterfaceError
 from ._invite import InviteError as InviteError
 from ._invite import make_invite as make_invite

@@ -14,6 +14,18 @@ from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
 from .._errors import WireError
+from ..wire import (
+    CODECS,
+    NAME,
+    SHA256,
+    TENSOR_NAME,
+    array,
+    choice,
+    integer,
+    record,
+    text,
+    where,
+)
 
 VERSION = 1
 MAX_ADDRS = 16
@@ -30,18 +42,39 @@ _FIELDS = {
     "serving",
     "sig",
 }
-# One stage of a deployment that the member hosts (see _serving.ServingEntry).
-_SERVING_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "deployment": str,
-    "created": int,
-    "model": str,
-    "stage": int,
-    "codec": str,
-    "plan": list,
-}
-_PLAN_FIELDS = {"fragment", "inputs", "outputs"}
 MAX_SERVING = 256
 MAX_STAGES = 64
+# One stage of a deployment that the member hosts (see inference._serving.ServingEntry),
+# carrying the deployment's whole plan: each stage's fragment, its size, inputs, outputs.
+# "<model>@<logical time>-<deployer's short id>": unique even when two members deploy
+# the same model at the same logical time.
+DEPLOYMENT = text(96, r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[0-9]{1,16}-[1-9A-HJ-NP-Za-km-z]{1,16}")
+MAX_CREATED = 1 << 53
+SERVING_ENTRY = where(
+    record(
+        {
+            "deployment": DEPLOYMENT,
+            "created": integer(0, MAX_CREATED),
+            "model": NAME,
+            "stage": integer(0, MAX_STAGES - 1),
+            "codec": choice(CODECS),
+            "plan": array(
+                record(
+                    {
+                        "fragment": SHA256,
+                        "bytes": integer(1, 1 << 40),
+                        "inputs": array(TENSOR_NAME, 256),
+                        "outputs": array(TENSOR_NAME, 256, 1),
+                    }
+                ),
+                MAX_STAGES,
+                1,
+            ),
+        }
+    ),
+    lambda entry: entry["stage"] < len(entry["plan"]),
+    "the stage must lie inside the plan",
+)
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -112,30 +145,8 @@ def _capacity(value: Any) -> dict[str, Any]:
 
 
 def check_serving(value: Any) -> tuple[dict[str, Any], ...]:
-    _check(value, list, "serving")
-    if len(value) > MAX_SERVING:
-        raise WireError(f"an advert lists at most {MAX_SERVING} served stages")
-    for entry in value:
-        _check(entry, dict, "serving entry")
-        if set(entry) != set(_SERVING_FIELDS):
-            raise WireError(
-                f"serving entry fields differ: {sorted(set(entry) ^ set(_SERVING_FIELDS))}"
-            )
-        for name, kind in _SERVING_FIELDS.items():
-            _check(entry[name], kind, f"serving.{name}")
-        plan = entry["plan"]
-        if not 0 < len(plan) <= MAX_STAGES or not 0 <= entry["stage"] < len(plan):
-            raise WireError(f"a serving entry's stage must lie within its 1-{MAX_STAGES} stages")
-        for stage in plan:
-            if (
-                not isinstance(stage, dict)
-                or set(stage) != _PLAN_FIELDS
-                or not isinstance(stage["fragment"], str)
-                or not all(isinstance(stage[k], list) for k in ("inputs", "outputs"))
-                or not all(isinstance(n, str) for n in [*stage["inputs"], *stage["outputs"]])
-            ):
-                raise WireError("each planned stage names its fragment, inputs and outputs")
-    return tuple(value)
+    """Serving entries as SERVING_ENTRY admits them; SchemaError names a bad field."""
+    return tuple(array(SERVING_ENTRY, MAX_SERVING)(value, "serving"))
 
 
 def advert_from_wire(wire: Any) -> Advert:

@@ -22,7 +22,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from .._errors import AuthError, WireError
-from ..wire import field, read_message, write_message
+from ..wire import blob, flag, read_message, record, write_message
 from ._meshkey import MeshKey
 
 PROTOCOL = TProtocol("/salala/auth/1.0.0")
@@ -30,11 +30,11 @@ HANDSHAKE_TIMEOUT_S = 5.0
 _NONCE = 32
 
 
-def _nonce(message: dict[str, object], name: str) -> bytes:
-    value = field(message, name, bytes)
-    if len(value) != _NONCE:
-        raise WireError(f"{name} must be {_NONCE} bytes")
-    return value
+# The four messages of the handshake, in order.
+DIALER_NONCE = record({"nonce": blob(_NONCE)})
+RESPONDER_PROOF = record({"nonce": blob(_NONCE), "proof": blob(32)})
+DIALER_PROOF = record({"proof": blob(32)})
+VERDICT = record({"ok": flag})
 
 
 async def prove_as_dialer(stream: INetStream, key: MeshKey, me: ID, peer: ID) -> None:
@@ -43,14 +43,14 @@ async def prove_as_dialer(stream: INetStream, key: MeshKey, me: ID, peer: ID) ->
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             nonce_d = secrets.token_bytes(_NONCE)
             await write_message(stream, {"nonce": nonce_d})
-            reply = await read_message(stream)
-            nonce_r = _nonce(reply, "nonce")
+            reply = await read_message(stream, RESPONDER_PROOF)
+            nonce_r = reply["nonce"]
             expected = key.proof(b"responder", nonce_d, nonce_r, peer.to_bytes(), me.to_bytes())
-            if not hmac.compare_digest(field(reply, "proof", bytes), expected):
+            if not hmac.compare_digest(reply["proof"], expected):
                 raise AuthError(f"peer {peer} does not hold this mesh's key")
             proof = key.proof(b"dialer", nonce_d, nonce_r, me.to_bytes(), peer.to_bytes())
             await write_message(stream, {"proof": proof})
-            if (await read_message(stream)).get("ok") is not True:
+            if not (await read_message(stream, VERDICT))["ok"]:
                 raise AuthError(f"peer {peer} refused our proof")
     except (WireError, trio.TooSlowError) as exc:
         raise AuthError(f"mesh handshake with {peer} failed: {exc}") from exc
@@ -60,12 +60,14 @@ async def verify_as_responder(stream: INetStream, key: MeshKey, me: ID, peer: ID
     """Run the responder's side; raises AuthError if the dialer is not in our mesh."""
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-            nonce_d = _nonce(await read_message(stream), "nonce")
+            nonce_d = (await read_message(stream, DIALER_NONCE))["nonce"]
             nonce_r = secrets.token_bytes(_NONCE)
             proof = key.proof(b"responder", nonce_d, nonce_r, me.to_bytes(), peer.to_bytes())
             await write_message(stream, {"nonce": nonce_r, "proof": proof})
             expected = key.proof(b"dialer", nonce_d, nonce_r, peer.to_bytes(), me.to_bytes())
-            if not hmac.compare_digest(field(await read_message(stream), "proof", bytes), expected):
+            if not hmac.compare_digest(
+                (await read_message(stream, DIALER_PROOF))["proof"], expected
+            ):
                 await write_message(stream, {"ok": False})
                 raise AuthError(f"peer {peer} does not hold this mesh's key")
             await write_message(stream, {"ok": True})

@@ -31,7 +31,7 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from .._errors import AuthError, MeshError, WireError
 from .._peerid import short_id
-from ..wire import read_message, write_message
+from ..wire import SchemaError, read_message, write_message
 from . import _auth, _sync
 from ._adverts import Advert, advert_from_wire, capacity_changed
 from ._host import open_host, parse_multiaddrs
@@ -295,7 +295,7 @@ class Mesh:
             return
         while True:
             request = await read_message(
-                stream, EXCHANGE_TIMEOUT_S + HEARTBEAT_S * 3, _sync.MAX_SYNC_FRAME
+                stream, _sync.SYNC, EXCHANGE_TIMEOUT_S + HEARTBEAT_S * 3, _sync.MAX_SYNC_FRAME
             )
             digest, adverts = _sync.parse_sync(request)
             self._take_adverts(adverts, via=peer)
@@ -309,6 +309,17 @@ class Mesh:
         async def guarded(stream: INetStream) -> None:
             try:
                 await handler(stream)
+            except SchemaError as exc:  # tell the peer which field, then end the stream
+                log.debug("stream %s refused: %s", handler.__name__, exc)
+                with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+                    try:
+                        await write_message(stream, {"error": str(exc), "field": exc.field})
+                        # FIN before RST: py-libp2p's Yamux drops buffered data on a reset
+                        # unless the stream's receiving side was closed first.
+                        await stream.close()
+                    except Exception:  # the peer may be gone already
+                        pass
+                await self._reset(stream)
             except Exception as exc:  # any peer misbehaviour ends only this stream
                 log.debug("stream %s ended: %r", handler.__name__, exc)
                 await self._reset(stream)
@@ -378,7 +389,9 @@ class Mesh:
                 )
                 with trio.fail_after(EXCHANGE_TIMEOUT_S):
                     await write_message(stream, message)
-                    reply = await read_message(stream, EXCHANGE_TIMEOUT_S, _sync.MAX_SYNC_FRAME)
+                    reply = await read_message(
+                        stream, _sync.SYNC, EXCHANGE_TIMEOUT_S, _sync.MAX_SYNC_FRAME
+                    )
                 now = trio.current_time()
                 their_digest, adverts = _sync.parse_sync(reply)
                 self._take_adverts(adverts, via=peer_id)

@@ -11,8 +11,7 @@ from typing import Any
 
 from libp2p.custom_types import TProtocol
 
-from .._errors import WireError
-from ..wire import field
+from ..wire import PEER_ID, array, integer, mapping, opaque, record, row
 from ._adverts import Advert
 
 PROTOCOL = TProtocol("/salala/mesh/1.0.0")
@@ -27,20 +26,16 @@ def sync_message(digest: dict[str, tuple[int, int]], adverts: list[Advert]) -> d
     }
 
 
+SYNC = record(
+    {
+        "digest": mapping(PEER_ID, row(integer(0, 1 << 63), integer(0, 1 << 63)), MAX_ENTRIES),
+        "adverts": array(opaque(dict), MAX_ENTRIES),
+    }
+)
+
+
 def parse_sync(message: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], list[Any]]:
-    """The digest (validated) and the raw adverts (each validated when applied)."""
-    digest = field(message, "digest", dict)
-    adverts = field(message, "adverts", list)
-    if len(digest) > MAX_ENTRIES or len(adverts) > MAX_ENTRIES:
-        raise WireError(f"sync messages carry at most {MAX_ENTRIES} entries")
-    parsed = {}
-    for peer, version in digest.items():
-        if (
-            not isinstance(peer, str)
-            or not isinstance(version, list)
-            or len(version) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in version)
-        ):
-            raise WireError("digest entries must map peer ids to [incarnation, seq]")
-        parsed[peer] = (version[0], version[1])
-    return parsed, adverts
+    """The digest of a SYNC-checked message, and its raw adverts (each validated, and
+    dropped alone if bad, when applied)."""
+    digest = {peer: (version[0], version[1]) for peer, version in message["digest"].items()}
+    return digest, message["adverts"]

@@ -28,6 +28,7 @@ from ...models import (
     TrainingPackage,
     batch_indices,
     compose_inference,
+    inside,
     load_digits,
     load_package,
 )
@@ -92,10 +93,10 @@ class Driver:
         self, job: TrainJob, progress: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
         package = load_package(job.package)
-        shas = [
+        graphs = [
             (
-                (await trio.to_thread.run_sync(self.store.add_object, package.file(f.forward)))[0],
-                (await trio.to_thread.run_sync(self.store.add_object, package.file(f.backward)))[0],
+                await trio.to_thread.run_sync(self.store.add_object, package.file(f.forward)),
+                await trio.to_thread.run_sync(self.store.add_object, package.file(f.backward)),
             )
             for f in package.fragments
         ]
@@ -109,7 +110,7 @@ class Driver:
         checkpoint = Checkpoint(
             0, [{PARAM + n: v for n, v in p.items()} for p in initial], [0] * len(initial)
         )
-        run = _Run(self, job, package, shas, data, uuid.uuid4().hex[:16], progress)
+        run = _Run(self, job, package, graphs, data, uuid.uuid4().hex[:16], progress)
         avoid: set[str] = set()
         used: set[str] = set()
         try:
@@ -157,7 +158,7 @@ class _Run:
         driver: Driver,
         job: TrainJob,
         package: TrainingPackage,
-        shas: list[tuple[str, str]],
+        graphs: list[tuple[tuple[str, int], tuple[str, int]]],
         data: Any,
         job_id: str,
         progress: Callable[[dict[str, Any]], None],
@@ -165,7 +166,7 @@ class _Run:
         self.driver = driver
         self.job = job
         self.package = package
-        self.shas = shas
+        self.graphs = graphs  # per stage: (sha256, size) of its forward and backward graph
         self.data = data
         self.job_id = job_id
         self.progress = progress
@@ -224,9 +225,12 @@ class _Run:
         last = len(self.package.fragments) - 1
 
         def setup(replica: int, stage: int, row: list[str]) -> Any:
+            (forward, forward_bytes), (backward, backward_bytes) = self.graphs[stage]
             fields = {
-                "forward": self.shas[stage][0],
-                "backward": self.shas[stage][1],
+                "forward": forward,
+                "forward_bytes": forward_bytes,
+                "backward": backward,
+                "backward_bytes": backward_bytes,
                 "optimizer": self.job.optimizer,
                 "optimizer_steps": checkpoint.optimizer_steps[stage],
                 "next": row[stage + 1] if stage < last else None,
@@ -276,7 +280,7 @@ class _Run:
             step, snapshot, [int(chosen[s][0]["optimizer_steps"]) for s in range(stages)]
         )
         for stage, tensors in enumerate(snapshot):
-            save_checkpoint(self.driver.root / self.job_id / f"stage-{stage}.npz", tensors)
+            save_checkpoint(inside(self.driver.root, self.job_id, f"stage-{stage}.npz"), tensors)
 
     async def _collect(
         self, attempt: int, plan: list[list[str]], wanted: Counter[str], timeout: float
@@ -348,12 +352,13 @@ async def open_training(
     threads: int | None,
     compute: trio.CapacityLimiter,
     root: Path,
+    max_payload: int,
 ) -> AsyncIterator[Training]:
     """Serve training stages and drive jobs for as long as the node runs.
 
     ``root`` keeps checkpoints: the stages' own under ``stages/``, collected ones by job.
     """
-    server = TrainServer(mesh, fetcher, threads, compute, root / "stages")
+    server = TrainServer(mesh, fetcher, threads, compute, root / "stages", max_payload)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         yield Training(server, Driver(mesh, server, store, root))

@@ -33,11 +33,13 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
+from ...models import inside
 from ...runtime import ModelSession, make_optimizer
 from .._errors import WireError
 from .._peerid import short_id
 from ..membership import Mesh
 from ..wire import Fetcher, LinkError, Links, encode_frame, payload_size, read_header, read_payload
+from ._headers import TRAIN_FRAME
 from ._stage import StageWork, split_snapshot
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ QUEUE = 256
 SENDS_IN_FLIGHT = 8
 IDLE_TIMEOUT_S = 3600.0
 READ_TIMEOUT_S = 30.0
-MAX_PAYLOAD = 1 << 30
 NEIGHBOUR_WAIT_S = 10.0
 TO_DRIVER = frozenset({"ready", "loss", "done", "stepped", "error"})
 TO_STAGE = frozenset({"setup", "fwd", "bwd", "step", "grads", "end"})
@@ -69,7 +70,7 @@ class HostedStage:
 
 
 def _key(header: dict[str, Any]) -> tuple[str, int, int]:
-    return str(header.get("job")), int(header.get("stage", -1)), int(header.get("replica", -1))
+    return header["job"], header["stage"], header["replica"]
 
 
 class TrainServer:
@@ -83,8 +84,10 @@ class TrainServer:
         threads: int | None,
         compute: trio.CapacityLimiter,
         checkpoint_root: Path,
+        max_payload: int,
     ) -> None:
         self.mesh = mesh
+        self.max_payload = max_payload
         self.fetcher = fetcher
         self.threads = threads
         self.checkpoint_root = checkpoint_root
@@ -109,18 +112,23 @@ class TrainServer:
     # ---- frames in and out -------------------------------------------------------
 
     async def handle_stream(self, peer_id: str, stream: INetStream) -> None:
+        """Frames from one peer, each checked against TRAIN_FRAME and the payload limit
+        before anything reads it; a bad one resets the stream (the guard in ``Mesh``
+        answers with the field at fault)."""
         while True:
-            header = await read_header(stream, IDLE_TIMEOUT_S)
-            if header.get("kind") not in TO_STAGE | TO_DRIVER:
-                raise WireError(f"unknown training frame {header.get('kind')!r}")
-            if payload_size(header) > MAX_PAYLOAD:
-                raise WireError("oversized training frame")
+            header = await read_header(stream, TRAIN_FRAME, IDLE_TIMEOUT_S)
+            size = payload_size(header)
+            if size > self.max_payload:
+                raise WireError(
+                    f"a training frame of {size} bytes exceeds this node's limit of "
+                    f"{self.max_payload}"
+                )
             tensors = await read_payload(stream, header, READ_TIMEOUT_S)
             await self._accept(header, tensors)
 
     async def _accept(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         if header["kind"] in TO_DRIVER:
-            deliver = self._inboxes.get(str(header.get("job")))
+            deliver = self._inboxes.get(header["job"])
             if deliver is not None:
                 deliver(header, tensors)
             return
@@ -154,14 +162,15 @@ class TrainServer:
     ) -> None:
         reply = {
             "kind": kind,
-            "job": header.get("job"),
+            "job": header["job"],
             "attempt": header.get("attempt"),
             "stage": header.get("stage"),
             "replica": header.get("replica"),
             "peer": self.mesh.peer_id,
             **fields,
         }
-        self.send(str(header.get("driver")), reply, tensors or {})
+        if "driver" in header:  # every frame but "end" names its driver
+            self.send(header["driver"], reply, tensors or {})
 
     # ---- the worker ---------------------------------------------------------------
 
@@ -179,18 +188,18 @@ class TrainServer:
 
     async def _dispatch(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """One frame for a stage; frames of attempts this node no longer runs are dropped."""
-        kind, key = header["kind"], _key(header)
+        kind = header["kind"]
+        if kind == "end":
+            self._ended.add(header["job"])
+            for other in [k for k in self._stages if k[0] == header["job"]]:
+                del self._stages[other]
+            return
         if kind == "setup":
             assert self._nursery is not None
             self._nursery.start_soon(self._setup, header, tensors)
             return
-        if kind == "end":
-            self._ended.add(key[0])
-            for other in [k for k in self._stages if k[0] == key[0]]:
-                del self._stages[other]
-            return
-        hosted = self._stages.get(key)
-        if hosted is None or hosted.attempt != header.get("attempt"):
+        hosted = self._stages.get(_key(header))
+        if hosted is None or hosted.attempt != header["attempt"]:
             return  # a frame from an attempt that was re-planned away: drop it
         if kind == "fwd":
             await self._forward(hosted, header, tensors)
@@ -199,7 +208,7 @@ class TrainServer:
         elif kind == "step":
             hosted.step_request = header
             own, samples = hosted.work.take_gradients()
-            hosted.received[int(header["replica"])] = (own, samples)
+            hosted.received[header["replica"]] = (own, samples)
             for index, peer in enumerate(hosted.route["replicas"]):
                 if index != header["replica"]:
                     share = {
@@ -212,7 +221,9 @@ class TrainServer:
                     self.send(peer, share, own)
             await self._maybe_step(hosted)
         elif kind == "grads":
-            hosted.received[int(header["sender"])] = (tensors, int(header["samples"]))
+            if header["sender"] >= len(hosted.route["replicas"]):
+                raise WireError(f"replica {header['sender']} is not part of this job")
+            hosted.received[header["sender"]] = (tensors, header["samples"])
             await self._maybe_step(hosted)
 
     async def _setup(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
@@ -221,36 +232,36 @@ class TrainServer:
         Runs in its own task (fetching may take a while); anything that goes wrong is
         reported to the driver, which re-plans, and never reaches the node's nursery.
         """
+        key = _key(header)
         try:
+            checkpoints = inside(self.checkpoint_root, key[0], f"stage-{key[1]}.npz")
             work, unreachable = await self._prepare(header, tensors)
-        except Exception as exc:  # a bad header, a failed fetch, a full disk
-            log.info("setup of %s refused: %r", header.get("job"), exc)
+        except Exception as exc:  # a failed fetch, a bad optimiser, a full disk
+            log.info("setup of %s refused: %r", header["job"], exc)
             self._to_driver(header, "error", message=f"setup failed: {exc}")
             return
         if unreachable:
             message = f"{short_id(unreachable)} is not a connected member"
             self._to_driver(header, "error", unreachable=unreachable, message=message)
             return
-        key = _key(header)
         current = self._stages.get(key)
         if key[0] in self._ended or (current and current.attempt > header["attempt"]):
             return  # the job ended, or was re-planned again, while this one loaded
         route = {k: header[k] for k in ("next", "prev", "replicas")}
-        checkpoints = self.checkpoint_root / key[0] / f"stage-{key[1]}.npz"
         self._stages[key] = HostedStage(header["attempt"], work, route, checkpoints)
         self._to_driver(header, "ready")
 
     async def _prepare(
         self, header: dict[str, Any], tensors: dict[str, np.ndarray]
     ) -> tuple[StageWork, str | None]:
-        driver = str(header["driver"])
+        driver = header["driver"]
         paths = []
         for name in ("forward", "backward"):
-            paths.append(await self.fetcher.fetch(header[name], [driver]))
+            paths.append(await self.fetcher.fetch(header[name], header[f"{name}_bytes"], [driver]))
         optimizer = make_optimizer(header["optimizer"])
         params, state = split_snapshot(tensors)
         optimizer.state = {n: v.copy() for n, v in state.items()}
-        optimizer.steps = int(header["optimizer_steps"])
+        optimizer.steps = header["optimizer_steps"]
         forward, backward = await trio.to_thread.run_sync(
             lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
         )
@@ -281,7 +292,7 @@ class TrainServer:
     async def _forward(
         self, hosted: HostedStage, header: dict[str, Any], tensors: dict[str, np.ndarray]
     ) -> None:
-        work, micro_batch = hosted.work, int(header["mb"])
+        work, micro_batch = hosted.work, header["mb"]
         x, labels = tensors["x"], tensors["labels"]
         if work.last:
             loss, grad_x = await trio.to_thread.run_sync(
@@ -298,7 +309,7 @@ class TrainServer:
         self, hosted: HostedStage, header: dict[str, Any], tensors: dict[str, np.ndarray]
     ) -> None:
         grad_x = await trio.to_thread.run_sync(
-            hosted.work.run_backward, int(header["mb"]), tensors["grad_y"], limiter=self._compute
+            hosted.work.run_backward, header["mb"], tensors["grad_y"], limiter=self._compute
         )
         self._upstream(hosted, header, grad_x)
 
@@ -348,7 +359,10 @@ class TrainServer:
 
 
 def save_checkpoint(path: Path, snapshot: dict[str, np.ndarray]) -> None:
-    """Write ``snapshot`` as .npz by rename, so a crash mid-write keeps the last one."""
+    """Write ``snapshot`` as .npz by rename, so a crash mid-write keeps the last one.
+
+    ``path`` comes from ``inside``; the folder is made here, after that check.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     with partial.open("wb") as file:

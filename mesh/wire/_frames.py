@@ -8,6 +8,7 @@ refuse one over its limit. Parts are written from memoryviews in chunks of at mo
 4 MiB; nothing is copied on our side before py-libp2p frames it.
 """
 
+import math
 from typing import Any
 
 import msgpack
@@ -18,6 +19,7 @@ from libp2p.abc import INetStream
 from .._errors import WireError
 from . import _codecs
 from ._messages import HEADER, read_exactly
+from ._schema import Check, SchemaError, validate
 
 MAX_HEADER = 1 << 20
 CHUNK = 4 << 20
@@ -47,8 +49,9 @@ async def write_frame(
                 await stream.write(view[start : start + CHUNK])  # type: ignore[arg-type]  # any buffer
 
 
-async def read_header(stream: INetStream, idle_timeout: float) -> dict[str, Any]:
-    """Wait (up to ``idle_timeout``) for the next frame and return its header."""
+async def read_header(stream: INetStream, schema: Check, idle_timeout: float) -> dict[str, Any]:
+    """Wait (up to ``idle_timeout``) for the next frame; its header as ``schema`` admits it,
+    with part sizes checked against shapes (SchemaError names a bad field)."""
     with trio.fail_after(idle_timeout):
         (length,) = HEADER.unpack(await read_exactly(stream, HEADER.size))
     if length > MAX_HEADER:
@@ -59,31 +62,26 @@ async def read_header(stream: INetStream, idle_timeout: float) -> dict[str, Any]
         header = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack's zoo of errors
         raise WireError(f"frame header is not msgpack: {exc}") from exc
-    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
-        raise WireError("frame header must be a map with a tensor list")
+    header = validate(header, schema)
+    payload_size(header)  # sizes must match shapes before anyone reads the payload
     return header
 
 
 def payload_size(header: dict[str, Any]) -> int:
-    """Total payload bytes the header announces; WireError if it is inconsistent."""
+    """Total payload bytes a schema-checked header announces; SchemaError names a tensor
+    whose part sizes do not follow from its dtype, shape and codec."""
     total = 0
-    for tensor in header["tensors"]:
-        if not isinstance(tensor, dict):
-            raise WireError("tensor entries must be maps")
-        try:
-            layout = _codecs.part_layout(tensor)
-            if tensor["dtype"] not in _codecs.WIRE_DTYPES:
-                raise WireError(f"tensor {tensor.get('name')!r} has unsupported dtype")
-            sizes = tensor["sizes"]
-            expected = [
-                int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                for dtype, shape in layout
-            ]
-        except (KeyError, TypeError, ValueError, _codecs.CodecError) as exc:
-            raise WireError(f"tensor {tensor.get('name')!r} is malformed: {exc}") from exc
-        if sizes != expected or any(s < 0 for s in sizes) or any(d < 0 for d in tensor["shape"]):
-            raise WireError(f"tensor {tensor.get('name')!r}: part sizes do not match its shape")
-        total += sum(sizes)
+    for index, tensor in enumerate(header["tensors"]):
+        layout = _codecs.part_layout(tensor)
+        if tensor["codec"] != "raw" and (
+            tensor["dtype"] != "float32" or len(tensor["shape"]) < 2 or not tensor["shape"][-1]
+        ):
+            raise SchemaError(f"tensors[{index}].codec", "only float32 of rank >= 2 is encoded")
+        # Python integers: a product of huge dimensions must not wrap around.
+        expected = [math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in layout]
+        if tensor["sizes"] != expected:
+            raise SchemaError(f"tensors[{index}].sizes", "do not match the tensor's shape")
+        total += sum(expected)
     return total
 
 

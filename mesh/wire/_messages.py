@@ -13,6 +13,7 @@ import trio
 from libp2p.abc import INetStream
 
 from .._errors import WireError
+from ._schema import Check, validate
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 1 << 20  # control messages; tensors get their own limit
@@ -46,13 +47,17 @@ async def read_exactly(stream: INetStream, count: int) -> bytes:
 
 
 async def read_message(
-    stream: INetStream, timeout: float = IO_TIMEOUT_S, max_frame: int = DEFAULT_MAX_FRAME
-) -> dict[str, Any]:
+    stream: INetStream,
+    schema: Check,
+    timeout: float = IO_TIMEOUT_S,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> Any:
+    """The next message, as ``schema`` admits it; SchemaError names a bad field."""
     with trio.fail_after(timeout):
         (length,) = HEADER.unpack(await read_exactly(stream, HEADER.size))
         if length > max_frame:
             raise WireError(f"frame of {length} bytes exceeds the limit of {max_frame}")
-        return unpack(await read_exactly(stream, length))
+        return validate(unpack(await read_exactly(stream, length)), schema)
 
 
 async def write_message(
@@ -60,11 +65,3 @@ async def write_message(
 ) -> None:
     with trio.fail_after(timeout):
         await stream.write(pack(message))
-
-
-def field(message: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """A required field of the given type, or WireError naming it."""
-    value = message.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise WireError(f"field {name!r} must be {kind}, got {type(value).__name__}")
-    return value

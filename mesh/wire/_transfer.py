@@ -2,13 +2,14 @@
 
 A fetch asks a peer for an object by sha256 from a byte offset; the bytes land in
 ``<store>/incoming/<sha>.part``, so an interrupted transfer resumes where it stopped.
-The finished file is hashed before it enters the store: a peer cannot hand us anything
-but the object we asked for.
+The caller names the object's size (the deployment's plan or the training setup
+carries it), and a fetch never writes more: a peer that announces another size, or
+keeps sending, cannot fill our disk. The finished file is hashed before it enters the
+store: a peer cannot hand us anything but the object we asked for.
 """
 
 import hashlib
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,18 +17,18 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ...models import MODEL_FILE, ModelStore
+from ...models import MODEL_FILE, ModelStore, inside
 from .._errors import MeshError, WireError
 from .._peerid import short_id
 from ._links import Streams
-from ._messages import field, read_message, write_message
+from ._messages import read_message, write_message
+from ._schema import SHA256, integer, record, text, where
 
 log = logging.getLogger(__name__)
 
 FETCH_PROTOCOL = TProtocol("/salala/fetch/1.0.0")
 CHUNK = 1 << 20
 STALL_TIMEOUT_S = 15.0  # a transfer may be long, but each chunk must keep coming
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 Progress = Callable[[int, int], None]  # (bytes so far, total)
 
@@ -36,17 +37,19 @@ class TransferError(MeshError):
     """No peer could supply an object, or what arrived was not it."""
 
 
-def _check_hash(sha256: object) -> str:
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
-        raise WireError("an object is named by 64 lowercase hex digits")
-    return sha256
+MAX_OBJECT = 1 << 40
+FETCH_REQUEST = record({"sha256": SHA256, "offset": integer(0, MAX_OBJECT)})
+FETCH_REPLY = where(
+    record({}, {"size": integer(0, MAX_OBJECT), "error": text(1024)}),
+    lambda reply: len(reply) == 1,
+    "a reply holds either a size or an error",
+)
 
 
 async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> None:
     """Send the requested object from the requested offset."""
-    request = await read_message(stream)
-    sha256 = _check_hash(request.get("sha256"))
-    offset = field(request, "offset", int)
+    request = await read_message(stream, FETCH_REQUEST)
+    sha256, offset = request["sha256"], request["offset"]
     path = store.object_path(sha256)
     if not path.is_file() or any(p.name != MODEL_FILE for p in path.parent.iterdir()):
         await write_message(stream, {"error": f"no single-file object {sha256[:12]} here"})
@@ -54,7 +57,7 @@ async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> No
     size = path.stat().st_size
     await write_message(stream, {"size": size})
     with path.open("rb") as source:
-        source.seek(min(max(offset, 0), size))
+        source.seek(min(offset, size))
         while chunk := await trio.to_thread.run_sync(source.read, CHUNK):
             with trio.fail_after(STALL_TIMEOUT_S):
                 await stream.write(chunk)
@@ -63,16 +66,20 @@ async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> No
 
 
 async def _fetch_from(
-    mesh: Streams, peer_id: str, sha256: str, part: Path, progress: Progress | None
+    mesh: Streams, peer_id: str, sha256: str, size: int, part: Path, progress: Progress | None
 ) -> None:
     offset = part.stat().st_size if part.exists() else 0
     stream = await mesh.open_stream(peer_id, FETCH_PROTOCOL)
     try:
         await write_message(stream, {"sha256": sha256, "offset": offset})
-        reply = await read_message(stream)
+        reply = await read_message(stream, FETCH_REPLY)
         if "error" in reply:
             raise TransferError(f"{short_id(peer_id)}: {reply['error']}")
-        size = field(reply, "size", int)
+        if reply["size"] != size:
+            raise TransferError(
+                f"{short_id(peer_id)} offers {reply['size']} bytes of {sha256[:12]}, "
+                f"which has {size}"
+            )
         with part.open("ab") as sink:
             while offset < size:
                 with trio.fail_after(STALL_TIMEOUT_S):
@@ -102,24 +109,30 @@ async def fetch_object(
     mesh: Streams,
     store: ModelStore,
     sha256: str,
+    size: int,
     sources: list[str],
     progress: Progress | None = None,
 ) -> Path:
-    """The object's path in our store, fetched from the first source that has it."""
-    _check_hash(sha256)
+    """The object's path in our store, fetched from the first source that has it.
+
+    ``sha256`` and ``size`` come from a schema-checked plan; no more than ``size`` bytes
+    are ever written for it.
+    """
     if store.object_path(sha256).is_file():
         return store.object_path(sha256)
     incoming = store.root / "incoming"
     incoming.mkdir(exist_ok=True)
-    part = incoming / f"{sha256}.part"
+    part = inside(incoming, f"{sha256}.part")
     failures = []
     attempts = [s for s in sources if s != mesh.peer_id]
     for index, peer_id in enumerate(attempts):
+        if part.exists() and part.stat().st_size > size:
+            part.unlink()  # left by an earlier fetch that was told another size
         resumed = part.stat().st_size if part.exists() else 0
         if resumed:
             log.info("resuming fragment %s at byte %d", sha256[:12], resumed)
         try:
-            await _fetch_from(mesh, peer_id, sha256, part, progress)
+            await _fetch_from(mesh, peer_id, sha256, size, part, progress)
         except (MeshError, WireError, OSError, trio.TooSlowError) as exc:
             failures.append(f"{short_id(peer_id)}: {exc}")
             continue
@@ -157,7 +170,7 @@ class Fetcher:
         self._locks: dict[str, trio.Lock] = {}
 
     async def fetch(
-        self, sha256: str, sources: list[str], progress: Progress | None = None
+        self, sha256: str, size: int, sources: list[str], progress: Progress | None = None
     ) -> Path:
         async with self._locks.setdefault(sha256, trio.Lock()):
-            return await fetch_object(self._mesh, self._store, sha256, sources, progress)
+            return await fetch_object(self._mesh, self._store, sha256, size, sources, progress)
