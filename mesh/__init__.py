@@ -35,3 +35,4 @@ from .training import TrainJob as TrainJob
 from .training import open_training as open_training
 from .training import parse_job as parse_job
 from .wire import CODECS as CODECS
+from .wire import FrameBudget as FrameBudget

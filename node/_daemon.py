@@ -14,6 +14,7 @@ import trio
 
 from .. import models, runtime
 from ..mesh import (
+    FrameBudget,
     Inference,
     LocalState,
     MeshConfig,
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+INBOUND_FRAMES = 4
+PEER_FRAMES = 2
 DEFAULT_MAX_TENSOR_BYTES = 256 << 20  # per inference or training frame between peers
 
 
@@ -106,6 +109,10 @@ async def run_node(
         return LocalState(runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving)
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core
+    # Frames from peers held at once (inference and training alike), and one peer's share.
+    budget = FrameBudget(
+        INBOUND_FRAMES * config.max_tensor_bytes, PEER_FRAMES * config.max_tensor_bytes
+    )
 
     mesh_config = MeshConfig(
         key=config.mesh_key,
@@ -116,7 +123,9 @@ async def run_node(
     )
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,
-        open_inference(mesh, store, config.threads, compute, config.max_tensor_bytes) as inference,
+        open_inference(
+            mesh, store, config.threads, compute, budget, config.max_tensor_bytes
+        ) as inference,
         open_training(
             mesh,
             store,
@@ -124,6 +133,7 @@ async def run_node(
             config.threads,
             compute,
             data_dir.training,
+            budget,
             config.max_tensor_bytes,
         ) as training,
         trio.open_nursery() as nursery,

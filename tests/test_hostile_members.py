@@ -3,6 +3,8 @@ was wrong, the node writes nothing outside its data dir, keeps its memory, and k
 answering correctly. Each test is an attack that crashed or fooled a node before."""
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,20 @@ pytestmark = pytest.mark.slow
 RSS_GROWTH_LIMIT = 64 << 20
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory):
+@contextmanager
+def serving_minilm(root: Path) -> Iterator[list[NodeProcess]]:
     """Two nodes serving MiniLM in two stages; the attacks aim at the second."""
-    root = tmp_path_factory.mktemp("hostile-members")
     with mesh_of(root, 2, None, "--max-tensor-mb", "1") as nodes:
         formed(nodes)
         with nodes[0].client() as client:
             deployment = client.deploy("minilm", shards=2)
         deployed_everywhere(nodes, deployment["deployment"])
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
+    with serving_minilm(tmp_path_factory.mktemp("hostile-members")) as nodes:
         yield nodes
 
 

@@ -21,6 +21,7 @@ from salala.models import PathEscapeError, inside
 
 PEER = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
 RID = "ab" * 16
+TENSOR = {"name": "x", "dtype": "float32", "shape": [2, 16], "codec": "raw", "sizes": [128]}
 
 
 def infer(**changes: object) -> dict:
@@ -50,6 +51,8 @@ def test_a_valid_frame_passes_whole() -> None:
     ("changes", "field"),
     [
         ({"kind": "zip"}, "kind"),
+        ({"kind": ["infer"]}, "kind"),  # unhashable where a name was due
+        ({"tensors": [{**TENSOR, "codec": ["raw"]}]}, "tensors[0].codec"),
         ({"rid": 5}, "rid"),
         ({"route": [[PEER]]}, "route[0]"),
         ({"route": ["not-a-peer-id"]}, "route[0]"),

@@ -10,7 +10,7 @@ import trio
 
 from ...models import ModelStore
 from ..membership import Mesh
-from ..wire import FETCH_PROTOCOL, Fetcher, serve_fetch
+from ..wire import FETCH_PROTOCOL, Fetcher, FrameBudget, serve_fetch
 from . import _deploy
 from ._deploy import Deployer
 from ._router import Router
@@ -33,10 +33,11 @@ async def open_inference(
     store: ModelStore,
     threads: int | None,
     compute: trio.CapacityLimiter,
+    budget: FrameBudget,
     max_payload: int,
 ) -> AsyncIterator[Inference]:
     fetcher = Fetcher(mesh, store)
-    server = StageServer(mesh, fetcher, threads, compute, max_payload)
+    server = StageServer(mesh, fetcher, threads, compute, budget, max_payload)
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
     router.rehost = deployer.rehost

@@ -29,10 +29,13 @@ from ..membership import Mesh
 from ..wire import (
     PEER_ID,
     Fetcher,
+    FrameBudget,
+    Lease,
     Links,
     Progress,
     SchemaError,
     encode_frame,
+    frame_timeout,
     payload_size,
     read_header,
     read_payload,
@@ -45,9 +48,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = TProtocol("/salala/infer/1.0.0")
 QUEUE = 8
-READ_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 3600.0
-FORWARDS_IN_FLIGHT = 4
+OUTBOUND_FRAMES = 4  # outputs (of the largest size) a node keeps on the wire at once
 DEFAULT_MAX_PAYLOAD = 256 << 20
 
 
@@ -117,9 +119,11 @@ class StageServer:
         fetcher: Fetcher,
         threads: int | None,
         compute: trio.CapacityLimiter,
+        budget: FrameBudget,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.mesh = mesh
+        self.budget = budget  # inbound frames, shared with training
         self.fetcher = fetcher
         self.threads = threads
         self.max_payload = max_payload
@@ -131,9 +135,11 @@ class StageServer:
         self._hosted: dict[tuple[str, int], ServingEntry] = {}
         self._sessions: dict[str, ModelSession] = {}
         self._jobs_send, self._jobs_receive = trio.open_memory_channel[
-            tuple[dict[str, Any], dict[str, np.ndarray]]
+            tuple[dict[str, Any], dict[str, np.ndarray], Lease | None]
         ](QUEUE)
-        self._forwards = trio.CapacityLimiter(FORWARDS_IN_FLIGHT)
+        # Outputs on their way to the next stage: the worker waits for room here, so a
+        # slow downstream stage slows this one instead of piling up send tasks.
+        self._outbound = FrameBudget(OUTBOUND_FRAMES * max_payload, OUTBOUND_FRAMES * max_payload)
         self._nursery: trio.Nursery | None = None
 
     def serving(self) -> list[dict[str, Any]]:
@@ -206,15 +212,23 @@ class StageServer:
                     f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
                 )
                 raise WireError("oversized frame")  # its payload is never read: reset the stream
-            tensors = await read_payload(stream, header, READ_TIMEOUT_S)
-            if header["kind"] == "infer":
-                await self._jobs_send.send((header, tensors))
-            else:
-                self.on_reply(header, tensors)
+            # Wait for room in the node's budget before reading the payload: a sender
+            # whose frames we cannot hold yet is slowed down, never mistaken for dead.
+            lease: Lease | None = await self.budget.lease(peer_id, size)
+            try:
+                tensors = await read_payload(stream, header, frame_timeout(size))
+                if header["kind"] == "infer":
+                    await self._jobs_send.send((header, tensors, lease))
+                    lease = None  # the worker releases it once the stage has run
+                else:
+                    self.on_reply(header, tensors)
+            finally:
+                if lease is not None:
+                    lease.release()
 
     async def submit(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """Queue stage work from this node (the requester or a previous local stage)."""
-        await self._jobs_send.send((header, tensors))
+        await self._jobs_send.send((header, tensors, None))
 
     # ---- frames out -----------------------------------------------------------------
 
@@ -318,12 +332,19 @@ class StageServer:
         codec: str,
         request: dict[str, Any],
     ) -> None:
+        lease = None
+        if peer_id != self.mesh.peer_id:  # a hand-off to our own queue is not on the wire
+            size = min(sum(t.nbytes for t in tensors.values()), self._outbound.per_peer)
+            lease = await self._outbound.lease(peer_id, size)
+
         async def send() -> None:
-            async with self._forwards:
-                try:
-                    await self.deliver(peer_id, header, tensors, codec)
-                except MeshError as exc:
-                    await self._refuse(request, "unreachable", str(exc), unreachable=peer_id)
+            try:
+                await self.deliver(peer_id, header, tensors, codec)
+            except MeshError as exc:
+                await self._refuse(request, "unreachable", str(exc), unreachable=peer_id)
+            finally:
+                if lease is not None:
+                    lease.release()
 
         assert self._nursery is not None
         self._nursery.start_soon(send)
@@ -333,9 +354,12 @@ class StageServer:
             self._nursery = nursery
             self.mesh.handle(PROTOCOL, self.handle_stream)
             task_status.started()
-            async for header, tensors in self._jobs_receive:
+            async for header, tensors, lease in self._jobs_receive:
                 try:
                     await self._run_stage(header, tensors)
                 except Exception:  # a bug in one request must not stop the worker
                     log.exception("stage failed")
                     await self._refuse(header, "internal", "the stage failed; see its log")
+                finally:
+                    if lease is not None:
+                        lease.release()

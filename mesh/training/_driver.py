@@ -36,7 +36,7 @@ from ...runtime import ModelSession
 from .._errors import MeshError
 from .._peerid import short_id
 from ..membership import Mesh
-from ..wire import Fetcher
+from ..wire import Fetcher, FrameBudget
 from ._job import JobError, TrainJob
 from ._server import TrainServer, save_checkpoint
 from ._stage import PARAM
@@ -352,13 +352,14 @@ async def open_training(
     threads: int | None,
     compute: trio.CapacityLimiter,
     root: Path,
+    budget: FrameBudget,
     max_payload: int,
 ) -> AsyncIterator[Training]:
     """Serve training stages and drive jobs for as long as the node runs.
 
     ``root`` keeps checkpoints: the stages' own under ``stages/``, collected ones by job.
     """
-    server = TrainServer(mesh, fetcher, threads, compute, root / "stages", max_payload)
+    server = TrainServer(mesh, fetcher, threads, compute, root / "stages", budget, max_payload)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         yield Training(server, Driver(mesh, server, store, root))

@@ -38,7 +38,18 @@ from ...runtime import ModelSession, make_optimizer
 from .._errors import WireError
 from .._peerid import short_id
 from ..membership import Mesh
-from ..wire import Fetcher, LinkError, Links, encode_frame, payload_size, read_header, read_payload
+from ..wire import (
+    Fetcher,
+    FrameBudget,
+    Lease,
+    LinkError,
+    Links,
+    encode_frame,
+    frame_timeout,
+    payload_size,
+    read_header,
+    read_payload,
+)
 from ._headers import TRAIN_FRAME
 from ._stage import StageWork, split_snapshot
 
@@ -48,12 +59,11 @@ PROTOCOL = TProtocol("/salala/train/1.0.0")
 QUEUE = 256
 SENDS_IN_FLIGHT = 8
 IDLE_TIMEOUT_S = 3600.0
-READ_TIMEOUT_S = 30.0
 NEIGHBOUR_WAIT_S = 10.0
 TO_DRIVER = frozenset({"ready", "loss", "done", "stepped", "error"})
 TO_STAGE = frozenset({"setup", "fwd", "bwd", "step", "grads", "end"})
 
-Frame = tuple[dict[str, Any], dict[str, np.ndarray]]
+Frame = tuple[dict[str, Any], dict[str, np.ndarray], Lease | None]
 
 
 @dataclass
@@ -84,9 +94,11 @@ class TrainServer:
         threads: int | None,
         compute: trio.CapacityLimiter,
         checkpoint_root: Path,
+        budget: FrameBudget,
         max_payload: int,
     ) -> None:
         self.mesh = mesh
+        self.budget = budget  # inbound frames, shared with inference
         self.max_payload = max_payload
         self.fetcher = fetcher
         self.threads = threads
@@ -123,16 +135,27 @@ class TrainServer:
                     f"a training frame of {size} bytes exceeds this node's limit of "
                     f"{self.max_payload}"
                 )
-            tensors = await read_payload(stream, header, READ_TIMEOUT_S)
-            await self._accept(header, tensors)
+            lease = await self.budget.lease(peer_id, size)
+            try:
+                tensors = await read_payload(stream, header, frame_timeout(size))
+                await self._accept(header, tensors, lease)
+            except BaseException:
+                lease.release()
+                raise
 
-    async def _accept(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    async def _accept(
+        self, header: dict[str, Any], tensors: dict[str, np.ndarray], lease: Lease | None = None
+    ) -> None:
+        """Hand a frame to its job's driver or to the stage worker; ``lease`` (the bytes
+        it holds in the node's budget) ends once its work is done."""
         if header["kind"] in TO_DRIVER:
             deliver = self._inboxes.get(header["job"])
             if deliver is not None:
                 deliver(header, tensors)
+            if lease is not None:
+                lease.release()
             return
-        await self._work_send.send((header, tensors))
+        await self._work_send.send((header, tensors, lease))
 
     def send(self, peer_id: str, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """Queue a frame for a peer (or this node) without waiting for it to leave."""
@@ -179,12 +202,15 @@ class TrainServer:
             self._nursery = nursery
             self.mesh.handle(PROTOCOL, self.handle_stream)
             task_status.started()
-            async for header, tensors in self._work_receive:
+            async for header, tensors, lease in self._work_receive:
                 try:
                     await self._dispatch(header, tensors)
                 except Exception as exc:  # one bad job must not stop the worker
-                    log.exception("training frame %s failed", header.get("kind"))
+                    log.exception("training frame %s failed", header["kind"])
                     self._to_driver(header, "error", message=f"{type(exc).__name__}: {exc}")
+                finally:
+                    if lease is not None:
+                        lease.release()
 
     async def _dispatch(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """One frame for a stage; frames of attempts this node no longer runs are dropped."""

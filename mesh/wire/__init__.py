@@ -4,9 +4,12 @@ Framed msgpack control messages, tensor frames with codecs, one outbound link pe
 and content-addressed transfer. It knows nothing of membership or of what frames mean.
 """
 
+from ._budget import FrameBudget as FrameBudget
+from ._budget import Lease as Lease
 from ._codecs import CODECS as CODECS
 from ._codecs import WIRE_DTYPES as WIRE_DTYPES
 from ._frames import encode_frame as encode_frame
+from ._frames import frame_timeout as frame_timeout
 from ._frames import payload_size as payload_size
 from ._frames import read_header as read_header
 from ._frames import read_payload as read_payload

@@ -23,6 +23,16 @@ from ._schema import Check, SchemaError, validate
 
 MAX_HEADER = 1 << 20
 CHUNK = 4 << 20
+# A frame's deadline grows with its size: a fixed one either declares a slow but live
+# link dead on a big frame, or waits long on a dead one for a small frame. The floor is
+# a poor Wi-Fi link to a phone; links are not measured yet (see docs/architecture.md).
+FRAME_BASE_S = 10.0
+FLOOR_RATE = 2 << 20  # bytes/s
+
+
+def frame_timeout(size: int) -> float:
+    """Seconds a frame of ``size`` payload bytes may take to cross a live link."""
+    return FRAME_BASE_S + size / FLOOR_RATE
 
 
 def encode_frame(

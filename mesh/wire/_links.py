@@ -13,9 +13,7 @@ from libp2p.custom_types import TProtocol
 
 from .._errors import MeshError
 from .._peerid import short_id
-from ._frames import write_frame
-
-WRITE_TIMEOUT_S = 10.0
+from ._frames import frame_timeout, write_frame
 
 
 class Streams(Protocol):
@@ -48,7 +46,8 @@ class Links:
                     if stream is None or fresh:
                         stream = await self._streams_source.open_stream(peer_id, self._protocol)
                         self._streams[peer_id] = stream
-                    await write_frame(stream, head, views, WRITE_TIMEOUT_S)
+                    size = sum(len(view) for view in views)
+                    await write_frame(stream, head, views, frame_timeout(size))
                     return
                 except Exception as exc:  # resets, timeouts, closed connections
                     self._streams.pop(peer_id, None)

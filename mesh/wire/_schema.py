@@ -81,7 +81,7 @@ def choice(values: Iterable[str]) -> Check:
     allowed = frozenset(values)
 
     def check(value: Any, path: str) -> str:
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             raise SchemaError(path, f"{value!r} is not one of {', '.join(sorted(allowed))}")
         return str(value)
 
