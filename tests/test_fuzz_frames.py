@@ -1,12 +1,17 @@
 """Property-based fuzzing of every protocol a member may speak.
 
-Hypothesis generates frames per protocol: valid ones, valid ones with a field dropped,
-retyped or added, and arbitrary msgpack. Each is checked in-process against its
-schema (only success or a SchemaError naming a field may come out), then all of them
-are sent to a live node as a member would. The node must survive them all, keep its
+Hypothesis generates 10,000 frames per protocol: valid ones, valid ones with a field
+dropped, retyped or added, and arbitrary msgpack. Each is checked in-process against
+its schema (only success or a SchemaError naming a field may come out), then they are
+sent to a live node as a member would. The node must survive them all, keep its
 memory, and still answer correctly.
+
+Each frame sent costs a py-libp2p stream (a refused frame resets its stream), about
+10 ms on this 2-core machine under load, so the suite sends an even sample of
+SALALA_FUZZ_LIVE frames per protocol (default 2,000); `SALALA_FUZZ_LIVE=10000` sends all.
 """
 
+import os
 import struct
 import uuid
 from collections.abc import Iterator
@@ -35,6 +40,7 @@ from test_sharded import still_serving
 pytestmark = pytest.mark.slow
 
 FRAMES_PER_PROTOCOL = 10_000
+LIVE_PER_PROTOCOL = int(os.environ.get("SALALA_FUZZ_LIVE", "2000"))
 IN_FLIGHT = 16
 PEER = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
 TENSOR = {"name": "x", "dtype": "float32", "shape": [1, 4], "codec": "raw", "sizes": [16]}
@@ -186,8 +192,9 @@ async def test_generated_frames_on_every_protocol_leave_the_node_serving(
     for protocol, (schema, valid, payload) in valid_messages().items():
         frames = generate(schema, valid)
         assert len(frames) >= FRAMES_PER_PROTOCOL // 2, protocol  # hypothesis really ran
+        sample = frames[:: max(1, len(frames) // LIVE_PER_PROTOCOL)]
         async with member_of(node) as member:
-            await send_all(member, protocol, frames, payload)
+            await send_all(member, protocol, sample, payload)
         assert node.process.poll() is None, node.log()
         identity(node)  # the API still answers
     still_serving(node)
