@@ -274,3 +274,15 @@ async def test_a_name_hijack_leaves_the_model_served(
         with each.client() as client:
             (found,) = [d for d in client.deployments() if d["model"] == "minilm"]
         assert found["deployment"] == current
+
+
+async def test_a_stage_larger_than_free_memory_is_refused_before_any_fetch(
+    node: NodeProcess,
+) -> None:
+    huge = entry(node)
+    huge["plan"][0]["bytes"] = 1 << 40  # a terabyte of weights
+    async with member_of(node) as member:
+        reply = await member.ask(DEPLOY, {"entry": huge, "sources": [member.peer_id]})
+    assert reply["ok"] is False and "MiB free" in reply["error"], reply
+    incoming = node.data_dir / "store" / "incoming"
+    assert not any(p.name.startswith(huge["plan"][0]["fragment"]) for p in incoming.glob("*"))

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+import psutil
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
@@ -43,6 +44,7 @@ from ..wire import (
 )
 from ._clock import DeploymentClock
 from ._headers import ATTEMPT, INFER_FRAME, REQUEST_ID
+from ._placement import MEMORY_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,13 @@ class StageServer:
                 f"ahead of this node's {self.clock.value}"
             )
         if entry.fragment not in self._sessions:
+            needed = int(MEMORY_FACTOR * entry.fragment_bytes)
+            free = psutil.virtual_memory().available
+            if needed > free:
+                raise MeshError(
+                    f"stage {entry.stage} of {entry.model} needs about {needed >> 20} MiB; "
+                    f"{short_id(self.mesh.peer_id)} has {free >> 20} MiB free"
+                )
             path = await self.fetcher.fetch(entry.fragment, entry.fragment_bytes, sources, progress)
             try:
                 session = await trio.to_thread.run_sync(
