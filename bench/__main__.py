@@ -12,7 +12,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import inference, local, mesh_join, training, transport
+from . import churn, inference, local, mesh_join, training, transport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
     "transport": ("py-libp2p hop on loopback: payload, then a 1-byte answer", transport.run),
     "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
+    "churn": ("1,000 requests while stage hosts are killed and restarted every 10 s", churn.run),
 }
 
 
