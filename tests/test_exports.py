@@ -71,6 +71,7 @@ SURFACES = {
         "payload_size",
         "read_header",
         "read_payload",
+        "skip_payload",
         "write_frame",
         "LinkError",
         "Links",

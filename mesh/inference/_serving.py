@@ -24,7 +24,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from ...runtime import InputMismatchError, ModelLoadError, ModelSession
-from .._errors import MeshError, WireError
+from .._errors import MeshError
 from .._peerid import short_id
 from ..membership import Mesh
 from ..wire import (
@@ -40,6 +40,7 @@ from ..wire import (
     payload_size,
     read_header,
     read_payload,
+    skip_payload,
     validate,
 )
 from ._clock import DeploymentClock
@@ -220,7 +221,9 @@ class StageServer:
                     "too_large",
                     f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
                 )
-                raise WireError("oversized frame")  # its payload is never read: reset the stream
+                # Skip, not reset: a reset would reach the sender as "peer unreachable".
+                await skip_payload(stream, size, frame_timeout(size))
+                continue
             # Wait for room in the node's budget before reading the payload: a sender
             # whose frames we cannot hold yet is slowed down, never mistaken for dead.
             lease: Lease | None = await self.budget.lease(peer_id, size)

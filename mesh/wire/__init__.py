@@ -13,6 +13,7 @@ from ._frames import frame_timeout as frame_timeout
 from ._frames import payload_size as payload_size
 from ._frames import read_header as read_header
 from ._frames import read_payload as read_payload
+from ._frames import skip_payload as skip_payload
 from ._frames import write_frame as write_frame
 from ._links import LinkError as LinkError
 from ._links import Links as Links

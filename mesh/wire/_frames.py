@@ -113,3 +113,19 @@ async def read_payload(
             except _codecs.CodecError as exc:
                 raise WireError(f"tensor {tensor['name']!r}: {exc}") from exc
     return tensors
+
+
+async def skip_payload(stream: INetStream, size: int, timeout: float) -> None:
+    """Read and drop ``size`` payload bytes, in chunks, keeping the stream usable.
+
+    Refusing a frame by resetting its stream makes the sender's write fail, and a sender
+    reports a failed write as an unreachable peer: the requester would then replay the
+    request around a live peer, racing the refusal that names the real cause.
+    """
+    with trio.fail_after(timeout):
+        left = size
+        while left:
+            chunk = await stream.read(min(left, CHUNK))
+            if not chunk:
+                raise WireError(f"stream ended with {left} bytes of a refused frame unread")
+            left -= len(chunk)
