@@ -13,6 +13,7 @@ from ._errors import InvalidModelError as InvalidModelError
 from ._errors import ModelError as ModelError
 from ._errors import PathEscapeError as PathEscapeError
 from ._errors import SplitError as SplitError
+from ._errors import StoreFullError as StoreFullError
 from ._errors import UnknownModelError as UnknownModelError
 from ._export_training import export_training as export_training
 from ._fragments import Fragment as Fragment
@@ -21,6 +22,9 @@ from ._fragments import held_fragments as held_fragments
 from ._fragments import split_stored as split_stored
 from ._fragments import split_stored_at as split_stored_at
 from ._paths import inside as inside
+from ._quota import GB as GB
+from ._quota import default_quota as default_quota
+from ._quota import plan_eviction as plan_eviction
 from ._split import Cut as Cut
 from ._split import CutAnalysis as CutAnalysis
 from ._split import analyze as analyze

@@ -4,7 +4,8 @@ ModelError
 ├── InvalidModelError     not a usable ONNX model (garbage, truncated, unsafe paths)
 ├── UnknownModelError     no model by that name or hash in the store
 ├── SplitError            the model cannot be cut the way that was asked
-└── PathEscapeError       a name would place a file outside the folder meant for it
+├── PathEscapeError       a name would place a file outside the folder meant for it
+└── StoreFullError        the store's quota leaves no room, even after evicting what is unused
 """
 
 
@@ -26,3 +27,13 @@ class SplitError(ModelError, ValueError):
 
 class PathEscapeError(ModelError, ValueError):
     """A file would land outside the folder it belongs in (``..``, absolute, symlink)."""
+
+
+class StoreFullError(ModelError):
+    """An object does not fit under the store's quota, even after evicting unused ones."""
+
+    def __init__(self, message: str, *, quota: int, wanted: int, free: int) -> None:
+        super().__init__(message)
+        self.quota = quota
+        self.wanted = wanted
+        self.free = free

@@ -7,6 +7,7 @@ model into the same number of parts again costs nothing.
 
 import json
 import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,11 +54,15 @@ def _store_plan(
     store: ModelStore, model: StoredModel, plan_file: Path, graphs: list[FragmentGraph]
 ) -> SplitPlan:
     fragments = []
-    with tempfile.TemporaryDirectory(prefix=".split-", dir=store.root) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix=".split-", dir=store.root) as tmp,
+        ExitStack() as pins,  # under a quota, a fragment must not evict its siblings
+    ):
         for graph in graphs:
             file = Path(tmp) / f"fragment-{graph.index}.onnx"
             onnx.save(graph.model, str(file))
             sha256, _ = store.add_object(file)
+            pins.enter_context(store.pinned([sha256]))
             fragments.append(
                 Fragment(
                     index=graph.index,

@@ -6,22 +6,35 @@ half-written copy can never be mistaken for a good one (objects appear by rename
 
     <root>/objects/<sha256>/model.onnx   plus its external-data files, same relative names
     <root>/names.json                    name -> sha256
+    <root>/incoming/<sha256>.part        a fetch in progress (or interrupted, to resume)
+
+With a quota (``max_bytes``), every write first reserves its size: room is made by
+evicting objects that nothing uses (see ``_quota``), or the write is refused. What is
+in use is the named models, objects pinned by work in progress, and whatever the node's
+running parts report through ``in_use`` (stages hosted, deployments known, jobs).
 """
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
 import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Set
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._errors import InvalidModelError, UnknownModelError
+from ._quota import plan_eviction
 from ._validate import load_checked
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 4 << 20
 
 
@@ -48,6 +61,10 @@ def _digest(model_file: Path, external: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise InvalidModelError(
@@ -60,11 +77,19 @@ def check_name(name: str) -> str:
 class ModelStore:
     """Models on this device, by name and by hash. Safe to use from several threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
+        self.max_bytes = max_bytes
+        # Objects the node's running parts use (stages, deployments, training jobs). It is
+        # called from worker threads, under the eviction lock; the node makes it safe.
+        self.in_use: Callable[[], Set[str]] = frozenset
         self._objects = root / "objects"
         self._names_file = root / "names.json"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # names, pins, reservations; never held across calls out
+        self._room = threading.Lock()  # one eviction decision at a time (worker threads only)
+        self._pins: Counter[str] = Counter()
+        self._reserved: dict[int, tuple[int, str | None]] = {}  # id -> (bytes, sha256)
+        self._reservations = 0
         self._objects.mkdir(parents=True, exist_ok=True)
 
     def _names(self) -> dict[str, str]:
@@ -81,28 +106,150 @@ class ModelStore:
     def object_path(self, sha256: str) -> Path:
         return self._objects / sha256 / MODEL_FILE
 
-    def add_object(self, path: Path) -> tuple[str, int]:
-        """Copy a checked model (and its external data) in; return its hash and size."""
+    # ---- room under the quota -------------------------------------------------------
+
+    def objects(self) -> dict[str, tuple[int, float]]:
+        """Every stored object: sha256 -> (bytes, when it was added)."""
+        found = {}
+        for folder in self._objects.iterdir():
+            if _SHA256.match(folder.name) and folder.is_dir():
+                found[folder.name] = (_size(folder), folder.stat().st_mtime)
+        return found
+
+    def used_bytes(self) -> int:
+        """Bytes the store holds, plus those promised to writes in progress."""
+        with self._lock:
+            promised = sum(size for size, _ in self._reserved.values())
+        return sum(size for size, _ in self.objects().values()) + promised
+
+    @contextmanager
+    def pinned(self, shas: Iterable[str]) -> Iterator[None]:
+        """Keep these objects from eviction while the block runs (work in progress)."""
+        shas = list(shas)
+        with self._lock:
+            self._pins.update(shas)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(shas)
+                self._pins += Counter()  # drop zero counts
+
+    def _protected(self) -> set[str]:
+        with self._lock:
+            held = {*self._names().values(), *self._pins}
+            held |= {sha for _, sha in self._reserved.values() if sha}
+        return held | set(self.in_use())
+
+    def reserve(self, wanted: int, what: str, sha256: str | None = None) -> int:
+        """Promise ``wanted`` bytes to a write, evicting unused objects to make room;
+        StoreFullError if they cannot be made. Call from a worker thread, never from the
+        event loop (``in_use`` may call back into it). Returns the id to ``release``."""
+        with self._room:
+            if self.max_bytes is not None:
+                objects = self.objects()
+                with self._lock:
+                    promised = sum(size for size, _ in self._reserved.values())
+                used = sum(size for size, _ in objects.values()) + promised
+                evict = plan_eviction(
+                    objects, self._protected(), self.max_bytes, used, wanted, what
+                )
+                self._remove(evict)
+            with self._lock:
+                self._reservations += 1
+                self._reserved[self._reservations] = (wanted, sha256)
+                return self._reservations
+
+    def release(self, reservation: int) -> None:
+        with self._lock:
+            self._reserved.pop(reservation, None)
+
+    @contextmanager
+    def room(self, wanted: int, what: str, sha256: str | None = None) -> Iterator[None]:
+        reservation = self.reserve(wanted, what, sha256)
+        try:
+            yield
+        finally:
+            self.release(reservation)
+
+    def _remove(self, shas: Iterable[str]) -> list[str]:
+        """Delete objects, then the split plans that pointed at them; returns the plans."""
+        for sha in shas:
+            shutil.rmtree(self._objects / sha, ignore_errors=True)
+        dropped = []
+        for plan_file in sorted((self.root / "splits").glob("*.json")):
+            try:
+                plan = json.loads(plan_file.read_text())
+                needed = [plan["sha256"], *(f["sha256"] for f in plan["fragments"])]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being written, or not ours to judge
+            if not all(isinstance(n, str) and (self._objects / n).is_dir() for n in needed):
+                plan_file.unlink(missing_ok=True)
+                dropped.append(plan_file.name)
+        return dropped
+
+    def collect_garbage(self) -> dict[str, Any]:
+        """Remove every object no name, pin or running part uses, the split plans that
+        pointed at them, and partial downloads no fetch is resuming. Worker thread only."""
+        with self._room:
+            protected = self._protected()
+            objects = self.objects()
+            removed = {sha: size for sha, (size, _) in objects.items() if sha not in protected}
+            plans = self._remove(removed)
+            with self._lock:
+                fetching = {sha for _, sha in self._reserved.values() if sha}
+            partial = 0
+            for part in (self.root / "incoming").glob("*.part"):
+                if part.name.removesuffix(".part") not in fetching:
+                    partial += part.stat().st_size
+                    part.unlink(missing_ok=True)
+        return {
+            "removed": [{"sha256": sha, "size": size} for sha, size in sorted(removed.items())],
+            "plans": plans,
+            "freed": sum(removed.values()) + partial,
+            "kept": len(objects) - len(removed),
+            "used": self.used_bytes(),
+            "quota": self.max_bytes,
+        }
+
+    # ---- adding ----------------------------------------------------------------------
+
+    def add_object(self, path: Path, *, move: bool = False) -> tuple[str, int]:
+        """Copy a checked model (and its external data) in; return its hash and size.
+
+        ``move`` takes the files instead of copying them: they are already inside the
+        store (a finished fetch), and the fetch's reservation already counts them.
+        """
         path = Path(path)
         _, external = load_checked(path)
         sha256 = _digest(path.resolve(), external)
         final = self._objects / sha256
         if not final.is_dir():
-            source_root = path.parent.resolve()
-            staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._objects))
-            try:
-                shutil.copyfile(path, staging / MODEL_FILE)
-                for file in external:
-                    target = staging / file.relative_to(source_root)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(file, target)
-                staging.replace(final)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-                if not final.is_dir():  # a concurrent import of the same bytes won
-                    raise
-        size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-        return sha256, size
+            size = sum(f.stat().st_size for f in [path, *external])
+            with self._room_for(0 if move else size, f"model {path.name}", sha256):
+                source_root = path.parent.resolve()
+                staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._objects))
+                take = os.replace if move else shutil.copyfile
+                try:
+                    take(path, staging / MODEL_FILE)
+                    for file in external:
+                        target = staging / file.relative_to(source_root)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        take(file, target)
+                    staging.replace(final)
+                except OSError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    if not final.is_dir():  # a concurrent import of the same bytes won
+                        raise
+        return sha256, _size(final)
+
+    @contextmanager
+    def _room_for(self, wanted: int, what: str, sha256: str) -> Iterator[None]:
+        if wanted == 0:
+            yield
+            return
+        with self.room(wanted, what, sha256):
+            yield
 
     def add(self, path: Path, name: str) -> StoredModel:
         """Import a model file under ``name`` (replacing what the name pointed to)."""
@@ -119,9 +266,7 @@ class ModelStore:
         if sha256 is None or not self.object_path(sha256).is_file():
             known = ", ".join(sorted(self._names())) or "none"
             raise UnknownModelError(f"unknown model {name!r}; this node has: {known}")
-        folder = self._objects / sha256
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        return StoredModel(name, sha256, size, self.object_path(sha256))
+        return StoredModel(name, sha256, _size(self._objects / sha256), self.object_path(sha256))
 
     def list(self) -> list[StoredModel]:
         return [self.get(name) for name in sorted(self._names())]

@@ -23,5 +23,6 @@ from ._errors import NodeNotRunningError as NodeNotRunningError
 from ._errors import NoRouteError as NoRouteError
 from ._errors import RequestError as RequestError
 from ._errors import SalalaError as SalalaError
+from ._errors import StoreFullError as StoreFullError
 from ._errors import TrainingFailedError as TrainingFailedError
 from ._errors import UnknownModelError as UnknownModelError

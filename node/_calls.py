@@ -125,6 +125,14 @@ def deployments() -> Call[list[dict[str, Any]]]:
     return Call("deployments", {}, _same)
 
 
+def undeploy(model: str) -> Call[dict[str, Any]]:
+    return Call("undeploy", {"model": model}, _same)
+
+
+def gc_models() -> Call[dict[str, Any]]:
+    return Call("gc_models", {}, _same)
+
+
 def peers() -> Call[list[dict[str, Any]]]:
     return Call("peers", {}, _same)
 

@@ -96,12 +96,20 @@ def node_start(
     max_tensor_mb: Annotated[
         int, typer.Option(help="Largest set of tensors one inference may send between peers.")
     ] = 256,
+    max_store_gb: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="Quota of the model store in GB; unused fragments are evicted to stay "
+            "under it [default: what it holds plus half the disk's free space at start]."
+        ),
+    ] = None,
 ) -> None:
     """Run this device's node in the foreground (Ctrl-C stops it)."""
     import trio
 
     from ..mesh import MeshError, parse_invite
-    from ._config import load_file_config, resolve_mesh_key
+    from ..models import GB
+    from ._config import check_store_gb, load_file_config, resolve_mesh_key
     from ._daemon import DEFAULT_LISTEN, NodeConfig, run_node
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -117,6 +125,7 @@ def node_start(
         except MeshError as exc:
             raise ConfigError(f"--join: {exc}") from exc
         given_key, peers = str(join_key), [*peers, *join_peers]
+    store_gb = check_store_gb(max_store_gb) or file_config.max_store_gb
     config = NodeConfig(
         data_dir=resolved,
         mesh_key=resolve_mesh_key(resolved, given_key, file_config.mesh_key),
@@ -127,6 +136,7 @@ def node_start(
         threads=threads,
         max_request_bytes=max_request_mb << 20,
         max_tensor_bytes=max_tensor_mb << 20,
+        max_store_bytes=None if store_gb is None else max(1, int(store_gb * GB)),
     )
     try:
         trio.run(run_node, config)
@@ -228,6 +238,24 @@ def models_add(
             f"added [bold]{stored['name']}[/] "
             f"({stored['sha256'][:12]}, {_human_bytes(stored['size'])})"
         )
+
+
+@models_app.command("gc")
+def models_gc(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """Remove stored objects that no named model and no live deployment uses."""
+    with connect(data_dir) as node:
+        result = node.gc_models()
+    if as_json:
+        _print_json(result)
+        return
+    for removed in result["removed"]:
+        console.print(f"removed {removed['sha256'][:12]} ({_human_bytes(removed['size'])})")
+    quota = "no quota" if result["quota"] is None else f"quota {_human_bytes(result['quota'])}"
+    console.print(
+        f"freed [bold]{_human_bytes(result['freed'])}[/] "
+        f"({len(result['removed'])} objects, {len(result['plans'])} split plans); "
+        f"kept {result['kept']} objects, {_human_bytes(result['used'])} used, {quota}"
+    )
 
 
 @models_app.command("split")
@@ -531,6 +559,23 @@ def deploy(
     console.print(table)
     for warning in result["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command("undeploy")
+def undeploy(model: str, data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+    """Remove MODEL's deployment from the whole mesh: every host unloads its stages."""
+    with connect(data_dir) as node:
+        result = node.undeploy(model)
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"undeployed [bold]{result['model']}[/] ({', '.join(result['deployments'])}) "
+        f"from {', '.join(result['short_ids']) or 'no live host'}"
+    )
+    if result["pending"]:
+        waiting = ", ".join(p[-8:] for p in result["pending"])
+        console.print(f"[yellow]still to confirm:[/] {waiting} (they drop it when they next sync)")
 
 
 @app.command("train")

@@ -121,6 +121,14 @@ class Client:
         """Every deployment the mesh knows, with the live hosts of each stage."""
         return self._call(calls.deployments())
 
+    def undeploy(self, model: str) -> dict[str, Any]:
+        """Remove ``model``'s deployment from the whole mesh; hosts unload its stages."""
+        return self._call(calls.undeploy(model))
+
+    def gc_models(self) -> dict[str, Any]:
+        """Remove stored objects no named model and no live deployment uses."""
+        return self._call(calls.gc_models())
+
     def train(
         self,
         job: "Mapping[str, Any] | str | PathLike[str]",
@@ -224,6 +232,12 @@ class AsyncClient:
 
     async def deployments(self) -> list[dict[str, Any]]:
         return await self._call(calls.deployments())
+
+    async def undeploy(self, model: str) -> dict[str, Any]:
+        return await self._call(calls.undeploy(model))
+
+    async def gc_models(self) -> dict[str, Any]:
+        return await self._call(calls.gc_models())
 
     async def train(
         self,

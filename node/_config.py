@@ -8,6 +8,8 @@ wrong types are refused with the key's name rather than ignored:
     peers = ["/ip4/192.168.1.20/tcp/4001/p2p/12D3KooW…"]
     interfaces = ["wlan0"]
     mdns = true
+    max_store_gb = 20          # the model store's quota [default: what it holds plus
+                               # half the disk's free space at start]
 
 The mesh key a node last used is kept in ``mesh.key`` (mode 0600), so a device that
 joined a mesh stays in it across restarts; a node given no key starts a mesh of its own.
@@ -36,6 +38,7 @@ class FileConfig:
     peers: list[str] = field(default_factory=list)
     interfaces: list[str] = field(default_factory=list)
     mdns: bool | None = None
+    max_store_gb: float | None = None
 
 
 def load_file_config(data_dir: DataDir) -> FileConfig:
@@ -52,7 +55,10 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
         "peers": list,
         "interfaces": list,
         "mdns": bool,
+        "max_store_gb": float,
     }
+    if isinstance(raw.get("max_store_gb"), int) and not isinstance(raw["max_store_gb"], bool):
+        raw["max_store_gb"] = float(raw["max_store_gb"])
     for key, value in raw.items():
         if key not in kinds:
             raise ConfigError(f"{path}: unknown setting {key!r}; known: {sorted(kinds)}")
@@ -60,7 +66,18 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
         if not isinstance(value, kinds[key]) or (kinds[key] is list and not strings):
             what = "list of strings" if kinds[key] is list else kinds[key].__name__
             raise ConfigError(f"{path}: {key!r} must be a {what}")
+    try:
+        check_store_gb(raw.get("max_store_gb"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return FileConfig(**raw)
+
+
+def check_store_gb(value: float | None) -> float | None:
+    """A store quota in GB (10^9 bytes) must be a positive, finite number."""
+    if value is not None and not 0 < value < float("inf"):
+        raise ConfigError(f"max_store_gb must be a positive number of GB, not {value}")
+    return value
 
 
 def _key_file(data_dir: DataDir) -> Path:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -19,6 +20,7 @@ from ..mesh import (
     LocalState,
     MeshConfig,
     MeshKey,
+    Training,
     open_inference,
     open_mesh,
     open_training,
@@ -50,6 +52,7 @@ class NodeConfig:
     threads: int | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_store_bytes: int | None = None  # None: what the store holds + half the free disk
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -73,7 +76,37 @@ def _register_builtins(store: models.ModelStore) -> None:
     known = {m.name for m in store.list()}
     for name, path in models.builtin_models().items():
         if name not in known:
-            store.add(path, name)
+            try:
+                store.add(path, name)
+            except models.StoreFullError as exc:
+                log.warning("built-in model %s not added: %s", name, exc)
+
+
+def _open_store(config: NodeConfig) -> models.ModelStore:
+    store = models.ModelStore(config.data_dir.store)
+    store.max_bytes = config.max_store_bytes or models.default_quota(
+        store.root, store.used_bytes()
+    )
+    log.info("model store quota: %.3f GB", store.max_bytes / models.GB)
+    return store
+
+
+def _objects_in_use(started: list[tuple[Inference, Training]]) -> Callable[[], set[str]]:
+    """What the store must not evict, read on trio's thread (the store asks from the
+    worker threads it runs in; reading the running parts there would race them)."""
+
+    def collect() -> set[str]:
+        if not started:
+            return set()
+        inference, training = started[0]
+        return inference.objects_in_use() | training.server.objects_in_use()
+
+    def in_use() -> set[str]:
+        if trio.lowlevel.in_trio_run():  # type: ignore[attr-defined]  # stale trio-stubs
+            return collect()
+        return trio.from_thread.run_sync(collect)
+
+    return in_use
 
 
 async def _stop_on_signal(service: NodeService) -> None:
@@ -94,7 +127,9 @@ async def run_node(
     data_dir.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     _claim_socket(data_dir)
     key_pair = load_or_create_identity(data_dir.identity)
-    store = models.ModelStore(data_dir.store)
+    store = await trio.to_thread.run_sync(_open_store, config)
+    running: list[tuple[Inference, Training]] = []  # filled once both are up
+    store.in_use = _objects_in_use(running)
     await trio.to_thread.run_sync(_register_builtins, store)
     throughput = await trio.to_thread.run_sync(
         runtime.cached_throughput, data_dir.throughput_cache, config.threads
@@ -106,7 +141,10 @@ async def run_node(
         server = started[0].server if started else None
         serving = server.serving() if server else []
         fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
-        return LocalState(runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving)
+        undeployed = started[0].undeployer.markers() if started else []
+        return LocalState(
+            runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving, undeployed
+        )
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core
     # Frames from peers held at once (inference and training alike), and one peer's share.
@@ -124,7 +162,13 @@ async def run_node(
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(
-            mesh, store, config.threads, compute, budget, config.max_tensor_bytes
+            mesh,
+            store,
+            config.threads,
+            compute,
+            budget,
+            config.max_tensor_bytes,
+            data_dir.undeployed,
         ) as inference,
         open_training(
             mesh,
@@ -139,6 +183,7 @@ async def run_node(
         trio.open_nursery() as nursery,
     ):
         started.append(inference)
+        running.append((inference, training))
         service = NodeService(
             data_dir=data_dir,
             store=store,

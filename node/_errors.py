@@ -14,6 +14,7 @@
     │   ├── NoRouteError          a stage of the deployment has no live peer
     │   ├── InvalidJobError       a training job with a bad or missing setting
     │   ├── TrainingFailedError   a training job stopped: a stage refused, or no peers left
+    │   ├── StoreFullError        the model store's quota (--max-store-gb) leaves no room
     │   └── BadRequestError       a malformed or oversized request
     └── NodeError                 the node failed while serving the request
 
@@ -80,6 +81,10 @@ class TrainingFailedError(RequestError):
     code = "training_failed"
 
 
+class StoreFullError(RequestError):
+    code = "store_full"
+
+
 class BadRequestError(RequestError, ValueError):
     code = "bad_request"
 
@@ -101,6 +106,7 @@ ERRORS_BY_CODE: dict[str, type[SalalaError]] = {
         NoRouteError,
         InvalidJobError,
         TrainingFailedError,
+        StoreFullError,
         BadRequestError,
         NodeError,
     )

@@ -31,6 +31,11 @@ class DataDir:
         return self.root / "store"
 
     @property
+    def undeployed(self) -> Path:
+        """Undeploy markers this node honours and advertises, kept across restarts."""
+        return self.root / "undeployed.json"
+
+    @property
     def throughput_cache(self) -> Path:
         return self.root / "cache" / "throughput.json"
 

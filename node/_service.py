@@ -34,6 +34,7 @@ from ._errors import (
     InvalidModelError,
     NoRouteError,
     SalalaError,
+    StoreFullError,
     TrainingFailedError,
     UnknownModelError,
 )
@@ -50,6 +51,7 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
     (models.UnknownModelError, UnknownModelError),
     (models.InvalidModelError, InvalidModelError),
     (models.SplitError, CannotSplitError),
+    (models.StoreFullError, StoreFullError),
     (runtime.InputMismatchError, InvalidInputError),
     (runtime.ModelLoadError, InvalidModelError),
 ]
@@ -112,6 +114,8 @@ class NodeService:
             "peers": self.peers,
             "deploy": self.deploy,
             "deployments": self.deployments,
+            "undeploy": self.undeploy,
+            "gc_models": self.gc_models,
             "train": self.train,
             "invite": self.invite,
             "shutdown": self.shutdown,
@@ -133,6 +137,7 @@ class NodeService:
             "uptime_s": round(trio.current_time() - self._started, 3),
             "capacity": runtime.probe_capacity(self.throughput).to_dict(),
             "models": len(self.store.list()),
+            "store": {"used": self.store.used_bytes(), "quota": self.store.max_bytes},
         }
 
     async def list_models(self, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -228,6 +233,17 @@ class NodeService:
             }
             for model, d in sorted(self.inference.router.deployments().items())
         ]
+
+    async def undeploy(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove a model's deployment from the whole mesh (see mesh.inference._undeploy)."""
+        model = models.check_name(_param(params, "model", str))
+        return await self.inference.undeployer.undeploy(model)
+
+    async def gc_models(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove every stored object that no named model and no live deployment uses."""
+        freed = await trio.to_thread.run_sync(self.store.collect_garbage)
+        self.mesh.refresh()  # the advert lists held fragments: announce the change now
+        return freed
 
     async def peers(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         return self.mesh.peers()

@@ -44,3 +44,31 @@ def point_external_data_at(path: Path, location: str) -> Path:
                 entry.value = location
     onnx.save(model, str(path))
     return path
+
+
+def mlp_model(path: Path, *, layers: int, width: int, seed: int) -> Path:
+    """A chain of MatMul+Relu layers, each weight ``width``² float32: a model whose size
+    is known (about layers × width² × 4 bytes) and that splits between any two layers.
+    Different seeds give different bytes, so different store objects."""
+    rng = np.random.default_rng(seed)
+    nodes, weights = [], []
+    current = "x"
+    for i in range(layers):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        weights.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
+        out = "y" if i == layers - 1 else f"a{i}"
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

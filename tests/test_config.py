@@ -24,10 +24,11 @@ def test_config_file_settings_are_read(data_dir: DataDir) -> None:
     (data_dir.root / "config.toml").write_text(
         f'mesh_key = "{key}"\n'
         'listen = ["/ip4/0.0.0.0/tcp/4001"]\ninterfaces = ["wlan0"]\nmdns = false\n'
+        "max_store_gb = 20\n"
     )
     config = load_file_config(data_dir)
     assert config.listen == ["/ip4/0.0.0.0/tcp/4001"] and config.interfaces == ["wlan0"]
-    assert config.mdns is False
+    assert config.mdns is False and config.max_store_gb == 20.0
     assert resolve_mesh_key(data_dir, None, config.mesh_key) == key
 
 
@@ -38,6 +39,10 @@ def test_config_file_settings_are_read(data_dir: DataDir) -> None:
         ("listen = '/ip4/0.0.0.0/tcp/1'\n", "'listen' must be a list of strings"),
         ("peers = [1, 2]\n", "'peers' must be a list of strings"),
         ("mdns = 'yes'\n", "'mdns' must be a bool"),
+        ("max_store_gb = '5'\n", "'max_store_gb' must be a float"),
+        ("max_store_gb = true\n", "'max_store_gb' must be a float"),
+        ("max_store_gb = 0\n", "max_store_gb must be a positive number"),
+        ("max_store_gb = -1.5\n", "max_store_gb must be a positive number"),
         ("this is not toml", "config.toml"),
     ],
 )

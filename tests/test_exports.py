@@ -28,6 +28,7 @@ SURFACES = {
         "NoRouteError",
         "InvalidJobError",
         "TrainingFailedError",
+        "StoreFullError",
     },
     "salala.mesh": {
         "open_mesh",
@@ -189,6 +190,10 @@ SURFACES = {
         "compose_inference",
         "PathEscapeError",
         "inside",
+        "StoreFullError",
+        "GB",
+        "default_quota",
+        "plan_eviction",
     },
 }
 

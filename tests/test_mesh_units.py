@@ -96,7 +96,11 @@ def test_signed_adverts_survive_the_wire() -> None:
         (lambda w: w["capacity"].update(gflops="fast"), "capacity.gflops"),
         (lambda w: w.update(addrs=["x"] * 17), "at most 16"),
         (lambda w: w.update(peer_id="not-a-peer-id"), "invalid"),
-        (lambda w: w.update(v=2), "version"),
+        (lambda w: w.update(v=99), "version"),
+        (lambda w: w.update(undeployed=[{"model": "x"}]), "undeployed"),
+        (lambda w: w.update(undeployed=[{"model": "../x", "upto": 1}]), "undeployed"),
+        (lambda w: w.update(undeployed=[{"model": "x", "upto": -1}]), "undeployed"),
+        (lambda w: w.update(undeployed=[{"model": "x", "upto": 1}] * 257), "undeployed"),
     ],
 )
 def test_forged_or_malformed_adverts_are_refused(tamper, message: str) -> None:

@@ -67,7 +67,8 @@ async def serve_deploy(server: StageServer, peer_id: str, stream: INetStream) ->
     async with trio.open_nursery() as nursery:
         nursery.start_soon(report)
         try:
-            with trio.fail_after(HOST_TIMEOUT_S):
+            # pinned: under a store quota, not evicted between its fetch and its hosting
+            with trio.fail_after(HOST_TIMEOUT_S), server.fetcher.pinned([entry.fragment]):
                 await server.host(entry, sources, note)
             verdict: dict[str, Any] = {"ok": True}
         except (MeshError, trio.TooSlowError) as exc:  # caught here, not as a task group
@@ -113,7 +114,8 @@ class Deployer:
         label = {"stage": entry.stage, "peer": short_id(peer_id), "fragment": entry.fragment[:12]}
         sources = sources or [self.mesh.peer_id]
         if peer_id == self.mesh.peer_id:
-            await self.server.host(entry, sources)
+            with self.server.fetcher.pinned([entry.fragment]):  # see serve_deploy
+                await self.server.host(entry, sources)
             progress({**label, "state": "ready"})
             return
         stream = await self.mesh.open_stream(peer_id, PROTOCOL)
@@ -188,16 +190,18 @@ class Deployer:
             except (MeshError, trio.TooSlowError) as exc:
                 failures.append(str(exc))
 
-        async with trio.open_nursery() as nursery:
-            for stage, entry in zip(placement.stages, entries, strict=True):
-                for peer_id in stage.peers:
-                    nursery.start_soon(host, peer_id, entry)
-        missing = [e.stage for e in entries if e.stage not in ready]
-        if missing:
-            raise DeployError(
-                f"stages {missing} of {stored.name} found no host: {'; '.join(failures)}"
-            )
-        await self._until_visible(stored.name, deployment)
+        # Hosts fetch the fragments from us: keep them until the deployment is advertised.
+        with self.store.pinned(f.sha256 for f in plan.fragments):
+            async with trio.open_nursery() as nursery:
+                for stage, entry in zip(placement.stages, entries, strict=True):
+                    for peer_id in stage.peers:
+                        nursery.start_soon(host, peer_id, entry)
+            missing = [e.stage for e in entries if e.stage not in ready]
+            if missing:
+                raise DeployError(
+                    f"stages {missing} of {stored.name} found no host: {'; '.join(failures)}"
+                )
+            await self._until_visible(stored.name, deployment)
         return {
             "deployment": deployment,
             "model": stored.name,

@@ -83,10 +83,13 @@ class Router:
         Newest by Lamport time (see ``_clock``), preferring deployments whose every stage
         has a live host: a redeploy still landing, or a member advertising a stage of a
         deployment that exists nowhere else, does not take a working one's place.
+        Undeployed ones are left out; the markers every advert carries are learned here
+        (see ``_undeployed``).
         """
         hosted: dict[str, dict[int, tuple[ServingEntry, list[str]]]] = {}
         for member in self.mesh.membership.members():
             peer_id = member.advert.peer_id
+            self.server.undeployed.learn(member.advert.undeployed, self.server.clock)
             if not self.mesh.is_live(peer_id):
                 continue
             for raw in member.advert.serving:
@@ -94,6 +97,8 @@ class Router:
                 if not self.server.clock.observe(entry.created):
                     log.debug("ignoring %s from %s: too far ahead", entry.deployment, peer_id)
                     continue
+                if self.server.undeployed.covers(entry.model, entry.created):
+                    continue  # undeployed: a host that missed it has not yet dropped it
                 stages = hosted.setdefault(entry.deployment, {})
                 stages.setdefault(entry.stage, (entry, []))[1].append(peer_id)
         newest: dict[str, tuple[tuple[bool, int, str], Deployment]] = {}

@@ -46,6 +46,7 @@ from ..wire import (
 from ._clock import DeploymentClock
 from ._headers import ATTEMPT, INFER_FRAME, REQUEST_ID
 from ._placement import MEMORY_FACTOR
+from ._undeployed import Undeployed
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class StageServer:
         self.served: Counter[str] = Counter()  # fragment sha -> stage runs
         self.links = Links(mesh, PROTOCOL)
         self.clock = DeploymentClock()  # Lamport time of deployments, shared by the room
+        self.undeployed = Undeployed()  # undeploy markers, shared by the room
         self.on_reply: Callable[[dict[str, Any], dict[str, np.ndarray]], None] = lambda h, t: None
         self._compute = compute
         self._hosted: dict[tuple[str, int], ServingEntry] = {}
@@ -162,6 +164,8 @@ class StageServer:
                 f"{entry.deployment} claims logical time {entry.created}, implausibly far "
                 f"ahead of this node's {self.clock.value}"
             )
+        if self.undeployed.covers(entry.model, entry.created):
+            raise MeshError(f"{entry.deployment} has been undeployed")
         if entry.fragment not in self._sessions:
             needed = int(MEMORY_FACTOR * entry.fragment_bytes)
             free = psutil.virtual_memory().available
@@ -202,6 +206,17 @@ class StageServer:
             del self._sessions[fragment]
         if stale:
             self.mesh.refresh()
+
+    def drop_undeployed(self) -> list[str]:
+        """Stop hosting stages that an undeploy marker covers and unload their sessions;
+        returns the deployments dropped."""
+        gone = [k for k, e in self._hosted.items() if self.undeployed.covers(e.model, e.created)]
+        for key in gone:
+            del self._hosted[key]
+        if gone:
+            self.retire({})  # unloads the sessions nothing hosts any more
+            self.mesh.refresh()
+        return sorted({deployment for deployment, _ in gone})
 
     # ---- frames in -----------------------------------------------------------------
 

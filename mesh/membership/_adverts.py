@@ -27,7 +27,7 @@ from ..wire import (
     where,
 )
 
-VERSION = 1
+VERSION = 2  # 2: adverts carry undeploy markers
 MAX_ADDRS = 16
 MAX_FRAGMENTS = 4096
 _FIELDS = {
@@ -40,6 +40,7 @@ _FIELDS = {
     "capacity",
     "fragments",
     "serving",
+    "undeployed",
     "sig",
 }
 MAX_SERVING = 256
@@ -75,6 +76,10 @@ SERVING_ENTRY = where(
     lambda entry: entry["stage"] < len(entry["plan"]),
     "the stage must lie inside the plan",
 )
+# Undeploy markers (see inference._undeployed): every deployment of ``model`` made at
+# a logical time up to ``upto`` is gone. Each node merges and re-advertises them.
+MAX_UNDEPLOYED = 256
+UNDEPLOY_MARKER = record({"model": NAME, "upto": integer(0, MAX_CREATED)})
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -100,6 +105,7 @@ class Advert:
     capacity: dict[str, Any]
     fragments: tuple[str, ...]
     serving: tuple[dict[str, Any], ...] = ()
+    undeployed: tuple[dict[str, Any], ...] = ()
     sig: bytes = b""
 
     @property
@@ -122,6 +128,7 @@ class Advert:
         wire["addrs"] = list(self.addrs)
         wire["fragments"] = list(self.fragments)
         wire["serving"] = list(self.serving)
+        wire["undeployed"] = list(self.undeployed)
         return wire
 
 
@@ -149,6 +156,11 @@ def check_serving(value: Any) -> tuple[dict[str, Any], ...]:
     return tuple(array(SERVING_ENTRY, MAX_SERVING)(value, "serving"))
 
 
+def check_undeployed(value: Any) -> tuple[dict[str, Any], ...]:
+    """Undeploy markers as UNDEPLOY_MARKER admits them; SchemaError names a bad field."""
+    return tuple(array(UNDEPLOY_MARKER, MAX_UNDEPLOYED)(value, "undeployed"))
+
+
 def advert_from_wire(wire: Any) -> Advert:
     """Validate a received advert, including its signature; WireError says what is wrong."""
     _check(wire, dict, "advert")
@@ -171,6 +183,7 @@ def advert_from_wire(wire: Any) -> Advert:
         capacity=_capacity(wire["capacity"]),
         fragments=tuple(fragments),
         serving=check_serving(wire["serving"]),
+        undeployed=check_undeployed(wire["undeployed"]),
         sig=_check(wire["sig"], bytes, "sig"),
     )
     try:

@@ -63,6 +63,7 @@ class LocalState:
     capacity: dict[str, Any]
     fragments: list[str]
     serving: list[dict[str, Any]] = field(default_factory=list)
+    undeployed: list[dict[str, Any]] = field(default_factory=list)
 
 
 LocalStateReader = Callable[[], LocalState]
@@ -146,6 +147,7 @@ class Mesh:
             capacity=state.capacity,
             fragments=tuple(state.fragments),
             serving=tuple(state.serving),
+            undeployed=tuple(state.undeployed),
         ).signed(self._key_pair.private_key)
 
     def refresh(self) -> None:
@@ -161,6 +163,7 @@ class Mesh:
             if (
                 tuple(state.fragments) != own.fragments
                 or tuple(state.serving) != own.serving
+                or tuple(state.undeployed) != own.undeployed
                 or capacity_changed(own.capacity, state.capacity)
                 or trio.current_time() - advertised_at >= ADVERT_MAX_AGE_S
             ):
@@ -186,6 +189,7 @@ class Mesh:
                     "capacity": advert.capacity,
                     "fragments": list(advert.fragments),
                     "serving": list(advert.serving),
+                    "undeployed": list(advert.undeployed),
                     "incarnation": advert.incarnation,
                     "seq": advert.seq,
                     "rtt_ms": member.rtt_ms,

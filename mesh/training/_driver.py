@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,11 +92,22 @@ class Driver:
     async def train(
         self, job: TrainJob, progress: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any]:
+        with ExitStack() as pins:  # stages fetch the job's graphs from us while it runs
+            return await self._train(job, progress, pins)
+
+    async def _add_pinned(self, path: Path, pins: ExitStack) -> tuple[str, int]:
+        added = await trio.to_thread.run_sync(self.store.add_object, path)
+        pins.enter_context(self.store.pinned([added[0]]))
+        return added
+
+    async def _train(
+        self, job: TrainJob, progress: Callable[[dict[str, Any]], None], pins: ExitStack
+    ) -> dict[str, Any]:
         package = load_package(job.package)
         graphs = [
             (
-                await trio.to_thread.run_sync(self.store.add_object, package.file(f.forward)),
-                await trio.to_thread.run_sync(self.store.add_object, package.file(f.backward)),
+                await self._add_pinned(package.file(f.forward), pins),
+                await self._add_pinned(package.file(f.backward), pins),
             )
             for f in package.fragments
         ]

@@ -75,6 +75,7 @@ class HostedStage:
     work: StageWork
     route: dict[str, Any]  # next, prev (peer ids or None), replicas (peer ids by index)
     checkpoints: Path
+    graphs: tuple[str, str] = ("", "")  # forward and backward objects in the store
     step_request: dict[str, Any] | None = None
     received: dict[int, tuple[dict[str, np.ndarray], int]] = field(default_factory=dict)
 
@@ -120,6 +121,10 @@ class TrainServer:
 
     def unlisten(self, job: str) -> None:
         self._inboxes.pop(job, None)
+
+    def objects_in_use(self) -> set[str]:
+        """The store objects of the stage slots this node runs."""
+        return {graph for hosted in self._stages.values() for graph in hosted.graphs}
 
     # ---- frames in and out -------------------------------------------------------
 
@@ -274,7 +279,8 @@ class TrainServer:
         if key[0] in self._ended or (current and current.attempt > header["attempt"]):
             return  # the job ended, or was re-planned again, while this one loaded
         route = {k: header[k] for k in ("next", "prev", "replicas")}
-        self._stages[key] = HostedStage(header["attempt"], work, route, checkpoints)
+        graphs = (header["forward"], header["backward"])
+        self._stages[key] = HostedStage(header["attempt"], work, route, checkpoints, graphs)
         self._to_driver(header, "ready")
 
     async def _prepare(
@@ -282,15 +288,18 @@ class TrainServer:
     ) -> tuple[StageWork, str | None]:
         driver = header["driver"]
         paths = []
-        for name in ("forward", "backward"):
-            paths.append(await self.fetcher.fetch(header[name], header[f"{name}_bytes"], [driver]))
+        with self.fetcher.pinned([header["forward"], header["backward"]]):
+            for name in ("forward", "backward"):
+                paths.append(
+                    await self.fetcher.fetch(header[name], header[f"{name}_bytes"], [driver])
+                )
+            forward, backward = await trio.to_thread.run_sync(
+                lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
+            )
         optimizer = make_optimizer(header["optimizer"])
         params, state = split_snapshot(tensors)
         optimizer.state = {n: v.copy() for n, v in state.items()}
         optimizer.steps = header["optimizer_steps"]
-        forward, backward = await trio.to_thread.run_sync(
-            lambda: tuple(ModelSession(p, threads=self.threads) for p in paths)
-        )
         work = StageWork(
             forward,
             backward,

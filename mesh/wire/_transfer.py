@@ -4,20 +4,24 @@ A fetch asks a peer for an object by sha256 from a byte offset; the bytes land i
 ``<store>/incoming/<sha>.part``, so an interrupted transfer resumes where it stopped.
 The caller names the object's size (the deployment's plan or the training setup
 carries it), and a fetch never writes more: a peer that announces another size, or
-keeps sending, cannot fill our disk. The finished file is hashed before it enters the
-store: a peer cannot hand us anything but the object we asked for.
+keeps sending, cannot fill our disk. Before the first byte, that size is reserved
+under the store's quota (evicting unused objects, or refusing with TransferError). The
+finished file is hashed before it enters the store: a peer cannot hand us anything but
+the object we asked for.
 """
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ...models import MODEL_FILE, ModelStore, inside
+from ...models import MODEL_FILE, ModelStore, StoreFullError, inside
 from .._errors import MeshError, WireError
 from .._peerid import short_id
 from ._links import Streams
@@ -120,6 +124,26 @@ async def fetch_object(
     """
     if store.object_path(sha256).is_file():
         return store.object_path(sha256)
+    try:  # room under the store's quota first, so a fetch that cannot fit writes nothing
+        reservation = await trio.to_thread.run_sync(
+            store.reserve, size, f"fragment {sha256[:12]}", sha256
+        )
+    except StoreFullError as exc:
+        raise TransferError(str(exc)) from exc
+    try:
+        return await _fetch_into(mesh, store, sha256, size, sources, progress)
+    finally:
+        store.release(reservation)
+
+
+async def _fetch_into(
+    mesh: Streams,
+    store: ModelStore,
+    sha256: str,
+    size: int,
+    sources: list[str],
+    progress: Progress | None,
+) -> Path:
     incoming = store.root / "incoming"
     incoming.mkdir(exist_ok=True)
     part = inside(incoming, f"{sha256}.part")
@@ -145,8 +169,10 @@ async def fetch_object(
         model_file = incoming / sha256 / MODEL_FILE
         model_file.parent.mkdir(exist_ok=True)
         part.replace(model_file)
-        stored, _ = await trio.to_thread.run_sync(store.add_object, model_file)
-        model_file.unlink()
+        stored, _ = await trio.to_thread.run_sync(
+            partial(store.add_object, model_file, move=True)
+        )
+        model_file.unlink(missing_ok=True)  # still here if a concurrent import won
         model_file.parent.rmdir()
         if stored != sha256:
             raise TransferError(f"object {sha256[:12]} changed on import")
@@ -174,3 +200,9 @@ class Fetcher:
     ) -> Path:
         async with self._locks.setdefault(sha256, trio.Lock()):
             return await fetch_object(self._mesh, self._store, sha256, size, sources, progress)
+
+    @contextmanager
+    def pinned(self, shas: Iterable[str]) -> Iterator[None]:
+        """Keep objects from eviction while a stage fetches and loads them."""
+        with self._store.pinned(shas):
+            yield
