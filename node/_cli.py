@@ -569,10 +569,16 @@ def undeploy(model: str, data_dir: DataDirOption = None, as_json: JsonOption = F
     if as_json:
         _print_json(result)
         return
-    console.print(
-        f"undeployed [bold]{result['model']}[/] ({', '.join(result['deployments'])}) "
-        f"from {', '.join(result['short_ids']) or 'no live host'}"
-    )
+    if not result["deployments"]:
+        console.print(
+            f"no member advertises {result['model']} now; it is marked undeployed, so hosts "
+            "that come back drop it"
+        )
+    else:
+        console.print(
+            f"undeployed [bold]{result['model']}[/] ({', '.join(result['deployments'])}) "
+            f"from {', '.join(result['short_ids'])}"
+        )
     if result["pending"]:
         waiting = ", ".join(p[-8:] for p in result["pending"])
         console.print(f"[yellow]still to confirm:[/] {waiting} (they drop it when they next sync)")

@@ -46,9 +46,10 @@ def point_external_data_at(path: Path, location: str) -> Path:
     return path
 
 
-def mlp_model(path: Path, *, layers: int, width: int, seed: int) -> Path:
-    """A chain of MatMul+Relu layers, each weight ``width``² float32: a model whose size
+def mlp_model(path: Path, *, layers: int, width: int, seed: int, relu: bool = True) -> Path:
+    """A chain of MatMul(+Relu) layers, each weight ``width``² float32: a model whose size
     is known (about layers × width² × 4 bytes) and that splits between any two layers.
+    Without ``relu``, two layers have exactly one cut, into halves of equal size.
     Different seeds give different bytes, so different store objects."""
     rng = np.random.default_rng(seed)
     nodes, weights = [], []
@@ -56,9 +57,12 @@ def mlp_model(path: Path, *, layers: int, width: int, seed: int) -> Path:
     for i in range(layers):
         weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
         weights.append(numpy_helper.from_array(weight, f"W{i}"))
-        nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
         out = "y" if i == layers - 1 else f"a{i}"
-        nodes.append(helper.make_node("Relu", [f"h{i}"], [out]))
+        if relu:
+            nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [f"h{i}"]))
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [out]))
+        else:
+            nodes.append(helper.make_node("MatMul", [current, f"W{i}"], [out]))
         current = out
     graph = helper.make_graph(
         nodes,

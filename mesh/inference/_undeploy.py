@@ -16,7 +16,7 @@ import trio
 
 from .._peerid import short_id
 from ..membership import Mesh
-from ._router import Router, UnknownDeploymentError
+from ._router import Router
 from ._serving import StageServer
 from ._undeployed import Undeployed
 
@@ -74,10 +74,14 @@ class Undeployer:
         return found
 
     async def undeploy(self, model: str) -> dict[str, Any]:
+        """Mark every deployment of ``model`` made so far as gone, mesh-wide.
+
+        The marker is recorded even when no member advertises the model right now: its
+        only hosts may be asleep (evicted members' adverts are forgotten), and when they
+        wake they must drop it rather than bring it back.
+        """
         self.router.deployments()  # the clock has seen every deployment and marker first
         found = self._advertised(model)
-        if not found:
-            raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
         upto = self.server.clock.tick()
         self.server.undeployed.add(model, upto)
         self.sync()
