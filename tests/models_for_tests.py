@@ -47,10 +47,10 @@ def point_external_data_at(path: Path, location: str) -> Path:
 
 
 def mlp_model(path: Path, *, layers: int, width: int, seed: int, relu: bool = True) -> Path:
-    """A chain of MatMul(+Relu) layers, each weight ``width``² float32: a model whose size
-    is known (about layers × width² × 4 bytes) and that splits between any two layers.
-    Without ``relu``, two layers have exactly one cut, into halves of equal size.
-    Different seeds give different bytes, so different store objects."""
+    """A chain of MatMul(+Relu) layers, each weight a ``width`` by ``width`` float32
+    matrix: a model of known size (4 * layers * width**2 bytes, plus a little) that
+    splits between any two layers. Without ``relu``, two layers have exactly one cut,
+    into halves of equal size. Different seeds give different bytes (store objects)."""
     rng = np.random.default_rng(seed)
     nodes, weights = [], []
     current = "x"

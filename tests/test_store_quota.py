@@ -43,7 +43,7 @@ def test_when_eviction_cannot_make_room_nothing_is_evicted_and_the_error_says_wh
 
 
 def test_an_object_larger_than_the_whole_quota_is_refused() -> None:
-    with pytest.raises(StoreFullError, match="needs 11.00 MB"):
+    with pytest.raises(StoreFullError, match=r"needs 11\.00 MB"):
         plan_eviction({}, set(), 10 * MB, 0, 11 * MB)
 
 
@@ -58,7 +58,7 @@ def mlp(tmp_path: Path, seed: int) -> Path:
 def test_an_import_that_does_not_fit_is_refused_and_writes_nothing(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store", max_bytes=3 * MB)
     store.add(mlp(tmp_path, 1), "first")
-    with pytest.raises(StoreFullError, match="3.00 MB"):
+    with pytest.raises(StoreFullError, match=r"3\.00 MB"):
         store.add(mlp(tmp_path, 2), "second")
     assert [m.name for m in store.list()] == ["first"]  # a named model is never evicted
     assert len(store.objects()) == 1 and store.used_bytes() <= 3 * MB
@@ -93,7 +93,7 @@ def test_a_moved_import_takes_the_files_and_counts_on_the_fetch_reservation(
     source = mlp(tmp_path, 1)
     size = source.stat().st_size
     with store.room(size, "a fetch"):
-        sha, stored = store.add_object(source, move=True)
+        _, stored = store.add_object(source, move=True)
     assert stored == size and not source.exists() and store.used_bytes() == size
 
 
@@ -103,7 +103,7 @@ def test_splitting_under_a_tight_quota_never_evicts_a_sibling_fragment(tmp_path:
     stored = store.add(model, "big")  # 4.2 MB, named
     # Two 2.1 MB fragments need 4.2 MB; only 2.8 MB is free. Without pins the second
     # fragment would evict the first (unused, unnamed) and the plan would point at nothing.
-    with pytest.raises(StoreFullError, match="needs 2.10 MB"):
+    with pytest.raises(StoreFullError, match=r"needs 2\.10 MB"):
         split_stored(store, stored, 2)
     assert not list((store.root / "splits").glob("*.json"))
 
