@@ -87,7 +87,6 @@ def _open_store(config: NodeConfig) -> models.ModelStore:
     store.max_bytes = config.max_store_bytes or models.default_quota(
         store.root, store.used_bytes()
     )
-    log.info("model store quota: %.3f GB", store.max_bytes / models.GB)
     return store
 
 
@@ -198,12 +197,13 @@ async def run_node(
         nursery.start_soon(_stop_on_signal, service)
         await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)
         log.info(
-            "node %s ready (pid %d) in mesh %s: api %s, listening on %s",
+            "node %s ready (pid %d) in mesh %s: api %s, listening on %s, store quota %.3f GB",
             short_id(mesh.peer_id),
             os.getpid(),
             mesh.mesh_id,
             data_dir.socket,
             ", ".join(mesh.addrs),
+            (store.max_bytes or 0) / models.GB,
         )
         task_status.started(service)
         await service.shutdown_requested.wait()
