@@ -87,7 +87,7 @@ class Router:
         hosted: dict[str, dict[int, tuple[ServingEntry, list[str]]]] = {}
         for member in self.mesh.membership.members():
             peer_id = member.advert.peer_id
-            if not self.mesh.is_live(peer_id):
+            if not self.mesh.is_live(peer_id) or not member.advert.compatible:
                 continue
             for raw in member.advert.serving:
                 entry = ServingEntry(**raw)
