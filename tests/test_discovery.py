@@ -13,6 +13,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.rsa import create_new_key_pair as create_rsa_key_pair
 from libp2p.peer.id import ID
 from salala.mesh import InviteError, MeshKey, WireError, make_invite, parse_invite
+from salala.mesh.inference._clock import DeploymentClock
 from salala.mesh.inference._deploy import Deployer
 from salala.mesh.inference._router import Router
 from salala.mesh.membership import _mesh
@@ -277,12 +278,12 @@ class _Mesh:
 
 def test_an_incompatible_peer_is_given_no_work(tmp_path: Path) -> None:
     serving = {
-        "deployment": "m@1",
+        "deployment": "m@1-abc",
         "created": 1,
         "model": "m",
         "stage": 0,
         "codec": "raw",
-        "plan": [{"fragment": "ab" * 32, "inputs": ["x"], "outputs": ["y"]}],
+        "plan": [{"fragment": "ab" * 32, "bytes": 1, "inputs": ["x"], "outputs": ["y"]}],
     }
     own, good = an_advert(), an_advert(serving=(serving,))
     # An incompatible advert that even reads like ours: still no work for it.
@@ -291,7 +292,7 @@ def test_an_incompatible_peer_is_given_no_work(tmp_path: Path) -> None:
     mesh: Any = _Mesh([own, good, odd])
     placed = Deployer(mesh, None, None, None)._capacities()  # type: ignore[arg-type]
     assert {p.peer_id for p in placed} == {own.peer_id, good.peer_id}
-    router = Router(mesh, SimpleNamespace())  # type: ignore[arg-type]
+    router = Router(mesh, SimpleNamespace(clock=DeploymentClock()))  # type: ignore[arg-type]
     assert router.deployments()["m"].hosts == [[good.peer_id]]
     driver = Driver(mesh, None, None, tmp_path)  # type: ignore[arg-type]
     assert set(driver._peers(set())) == {own.peer_id, good.peer_id}
