@@ -1,28 +1,36 @@
 """A hostile LAN: strangers that speak libp2p, and hosts that publish bad mDNS records.
 
 Nothing anyone can do without the mesh key stops a node, teaches it anything, or makes
-it list anyone who is not a member.
+it list anyone who is not a member. And a member that speaks another protocol version
+is listed as such, not trusted with work.
 """
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import multiaddr
 import pytest
 import trio
 from conftest import NodeProcess, start_node
 from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from mesh_helpers import identity, peer_ids, wait_until
 from netns import private_lan
 from salala.mesh import AuthError, MeshKey
 from salala.mesh.membership import _auth
+from salala.mesh.membership._adverts import VERSION, Advert
 from salala.mesh.membership._mdns import service_type
+from salala.mesh.membership._mesh import LocalState, Mesh, MeshConfig, open_mesh
 from salala.node._launch import SALALA
+from salala.runtime import probe_capacity
 from strangers import LIBP2P_DEFAULTS, salala_protocols, stranger
 
 pytestmark = pytest.mark.slow
@@ -89,9 +97,9 @@ def _rss(node: NodeProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _cli_peers(node: NodeProcess) -> str:
+def _cli_peers(node: NodeProcess, *flags: str) -> str:
     done = subprocess.run(
-        [SALALA, "mesh", "peers", "--data-dir", str(node.data_dir)],
+        [SALALA, "mesh", "peers", "--data-dir", str(node.data_dir), *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -161,3 +169,48 @@ def test_malformed_fake_and_flooding_mdns_records_do_not_stop_a_node(tmp_path: P
                 attacker.communicate(timeout=10)  # reaps it and closes its pipes
             for node in nodes:
                 node.stop()
+
+
+async def test_a_member_of_another_protocol_version_is_listed_as_incompatible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member (in this process) whose adverts say v2 and carry fields v1 never heard of."""
+    key = MeshKey.generate()
+    node = start_node(tmp_path / "node", "--mesh-key", str(key))
+    ours = Mesh._make_advert
+
+    def future_advert(self: Mesh, state: LocalState | None = None) -> Advert:
+        advert = ours(self, state)
+        rest = {"capacity": advert.capacity, "accelerators": ["npu"], "lamport": 3}
+        future = dataclasses.replace(advert, protocol=VERSION + 1, foreign=rest)
+        return future.signed(self._key_pair.private_key)
+
+    monkeypatch.setattr(Mesh, "_make_advert", future_advert)
+    capacity = probe_capacity().to_dict()
+    try:
+        node_id, address = identity(node)
+        config = MeshConfig(key=key, listen=["/ip4/127.0.0.1/tcp/0"], peers=[address], mdns=False)
+        async with open_mesh(
+            create_new_key_pair(), config, lambda: LocalState(capacity, [])
+        ) as mesh:
+
+            def listed() -> dict[str, Any] | None:
+                rows = json.loads(_cli_peers(node, "--json"))
+                return next((r for r in rows if r["peer_id"] == mesh.peer_id), None)
+
+            row = await trio.to_thread.run_sync(
+                lambda: wait_until(listed, 20, "the node listing the v2 member")
+            )
+            assert row["compatible"] is False and row["protocol"] == VERSION + 1
+            assert row["connected"] and row["fragments"] == [] and row["serving"] == []
+            assert row["capacity"] == capacity  # still readable, so still shown
+            table = await trio.to_thread.run_sync(_cli_peers, node)
+            assert f"incompatible (v{VERSION + 1})" in table
+            # it stays a member: its adverts keep verifying, and it sees the node too
+            assert node_id in mesh.membership
+            # the node goes first (it would redial us), then our socket before our host
+            assert await trio.to_thread.run_sync(node.stop) == 0, node.log()
+            with trio.move_on_after(5):
+                await mesh._host.disconnect(ID.from_base58(node_id))
+    finally:
+        assert node.stop() == 0, node.log()
