@@ -163,6 +163,7 @@ def test_malformed_fake_and_flooding_mdns_records_do_not_stop_a_node(tmp_path: P
                 assert all(peer_id[-8:] in table for peer_id in ids)
             for node, rss in zip(nodes, before, strict=True):
                 assert _rss(node) - rss < RSS_GROWTH_BOUND
+                assert "mDNS: more than 64 peers found" in node.log()  # the flood arrived
         finally:
             if attacker is not None:
                 attacker.kill()

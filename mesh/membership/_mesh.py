@@ -104,6 +104,7 @@ class Mesh:
         )
         self._targets = {p: a for p, a in targets.items() if p != self.peer_id}  # peer -> addrs
         self._mdns_found: dict[str, None] = {}  # ordered: the oldest find first
+        self._mdns_crowded = False  # said once that there were too many
         self._authenticated: set[str] = set()
         self._sessions: dict[str, trio.CancelScope] = {}
         self._retry_at: dict[str, float] = {}
@@ -270,6 +271,12 @@ class Mesh:
         if peer_id in self.membership:  # its signed advert outranks an unsigned record
             return
         if peer_id not in self._targets and len(self._mdns_found) >= MAX_MDNS_TARGETS:
+            if not self._mdns_crowded:
+                self._mdns_crowded = True
+                log.warning(
+                    "mDNS: more than %d peers found; dialing the newest (a flood on the LAN?)",
+                    MAX_MDNS_TARGETS,
+                )
             unproven = (p for p in self._mdns_found if p not in self._authenticated)
             oldest = next(unproven, None)
             if oldest is None:
