@@ -11,10 +11,11 @@ Each reaches the mesh only as a checked ``(peer id, addresses)``:
   ``/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>/p2p/<that peer id>``, at most
   MAX_ADDR_CHARS long, and a peer brings at most MAX_ADDRS of them.
 
-Sources name themselves in the debug line that records a drop: ``mdns``, ``peer``
-(``--peer`` and config.toml), ``join`` (``--join``), ``exchange`` (adverts relayed in the
-membership exchange). Settings (``peer``, ``join``) raise instead, so a bad one stops the
-node at start with one clear line.
+Input from the network is dropped with one debug line naming its source: ``mdns``, or
+``exchange`` (adverts sent or relayed in the membership exchange, checked through
+``_adverts.advert_from_wire``). Settings raise instead (``--peer`` and config.toml
+through ``settings_targets``, ``--join`` through ``_invite.parse_invite``), so a bad one
+stops the node at start with one clear line.
 """
 
 import logging

@@ -102,15 +102,14 @@ async def run_mdns(
                     lambda name=name: zc.get_service_info(kind, name, RESOLVE_TIMEOUT_MS)
                 )
                 entry = from_mdns(resolved.properties or {}) if resolved is not None else None
+                if entry is not None and entry[0] != peer_id:
+                    peers_by_name.pop(name, None)
+                    peers_by_name[name] = entry[0]
+                    while len(peers_by_name) > _NAMES:
+                        del peers_by_name[next(iter(peers_by_name))]
+                    found(*entry)
             except Exception as exc:  # zeroconf's refusals of a hostile name or record
                 dropped("mdns", f"record {name[:80]!r}: {exc!r}")
-                continue
-            if entry is not None and entry[0] != peer_id:
-                peers_by_name.pop(name, None)
-                peers_by_name[name] = entry[0]
-                while len(peers_by_name) > _NAMES:
-                    del peers_by_name[next(iter(peers_by_name))]
-                found(*entry)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(3):
             if browser is not None:
