@@ -25,7 +25,7 @@ async def _round_trips(size: int) -> list[float]:
     loopback = ["/ip4/127.0.0.1/tcp/0"]
     async with (
         open_host(create_new_key_pair(), loopback) as client,
-        open_host(create_new_key_pair(), loopback) as server,
+        open_host(create_new_key_pair(), loopback, frozenset({PROTOCOL})) as server,
     ):
 
         async def answer(stream: Any) -> None:

@@ -333,8 +333,9 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         capacity = peer["capacity"]
         battery = capacity["battery_percent"]
         providers = [p.removesuffix("ExecutionProvider") for p in capacity["providers"]]
+        incompatible = "" if peer["compatible"] else f"\n[red]incompatible (v{peer['protocol']})[/]"
         table.add_row(
-            peer["short_id"] + (" (this)" if peer["self"] else ""),
+            peer["short_id"] + (" (this)" if peer["self"] else "") + incompatible,
             peer["name"],
             "\n".join(a.split("/p2p/")[0] for a in peer["addrs"]),
             f"{capacity['physical_cores'] or '?'}/{capacity['logical_cores'] or '?'}",

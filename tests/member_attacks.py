@@ -20,7 +20,7 @@ from salala.mesh import MeshKey
 from salala.mesh.inference._headers import INFER_FRAME
 from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.membership import _auth
-from salala.mesh.membership._host import open_host
+from salala.mesh.membership._host import admit, open_host
 from salala.mesh.wire import opaque, read_header, read_message, write_message
 from salala.mesh.wire._frames import encode_frame
 
@@ -79,6 +79,7 @@ async def member_of(
     _, addr = identity(node)
     info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
     async with open_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+        admit(host, lambda peer: peer == info.peer_id)  # the node may open streams to us
         member = Member(host, info.peer_id)
 
         async def take_replies(stream: INetStream) -> None:

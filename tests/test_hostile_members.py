@@ -280,7 +280,8 @@ async def test_a_stage_larger_than_free_memory_is_refused_before_any_fetch(
     node: NodeProcess,
 ) -> None:
     huge = entry(node)
-    huge["plan"][0]["bytes"] = 1 << 40  # a terabyte of weights
+    # a fragment the node does not run yet (one it runs needs no more memory), a terabyte
+    huge["plan"][0].update(fragment="dd" * 32, bytes=1 << 40)
     async with member_of(node) as member:
         reply = await member.ask(DEPLOY, {"entry": huge, "sources": [member.peer_id]})
     assert reply["ok"] is False and "MiB free" in reply["error"], reply

@@ -41,9 +41,13 @@ def test_proofs_depend_on_key_role_and_every_part() -> None:
     assert key.proof(b"dialer", b"ab", b"") != key.proof(b"dialer", b"a", b"b")  # no splicing
 
 
+def a_peer_id() -> str:
+    return ID.from_pubkey(create_new_key_pair().public_key).to_base58()
+
+
 def test_invites_round_trip() -> None:
-    key = MeshKey.generate()
-    addrs = ["/ip4/192.168.1.20/tcp/4001/p2p/12D3KooWabc", "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWabc"]
+    key, peer = MeshKey.generate(), a_peer_id()
+    addrs = [f"/ip4/192.168.1.20/tcp/4001/p2p/{peer}", f"/ip4/10.0.0.2/tcp/4001/p2p/{peer}"]
     assert parse_invite(make_invite(key, addrs)) == (key, addrs)
 
 
@@ -88,15 +92,19 @@ def test_signed_adverts_survive_the_wire() -> None:
     ("tamper", "message"),
     [
         (lambda w: w.update(seq=w["seq"] + 1), "bad signature"),
-        (lambda w: w.update(addrs=["/ip4/6.6.6.6/tcp/1"]), "bad signature"),
+        (lambda w: w["addrs"].append(w["addrs"][0].replace("127.", "6.")), "bad signature"),
         (lambda w: w.update(extra=1), "fields differ"),
         (lambda w: w.pop("capacity"), "fields differ"),
         (lambda w: w.update(seq="1"), "'seq' has the wrong type"),
         (lambda w: w.update(seq=True), "'seq' has the wrong type"),
         (lambda w: w["capacity"].update(gflops="fast"), "capacity.gflops"),
         (lambda w: w.update(addrs=["x"] * 17), "at most 16"),
-        (lambda w: w.update(peer_id="not-a-peer-id"), "invalid"),
-        (lambda w: w.update(v=99), "version"),
+        (lambda w: w.update(addrs=["/ip4/6.6.6.6/tcp/1"]), "needs a /p2p/"),
+        (lambda w: w.update(peer_id="not-a-peer-id"), "not a peer id"),
+        (lambda w: w.update(name="n" * 65), "at most 64"),
+        (lambda w: w.update(v=0), "version 0 is out of range"),
+        (lambda w: w.update(v="2"), "'v' has the wrong type"),
+        (lambda w: w.pop("incarnation") and w.update(v=3), "lacks"),
         (lambda w: w.update(undeployed=[{"model": "x"}]), "undeployed"),
         (lambda w: w.update(undeployed=[{"model": "../x", "upto": 1}]), "undeployed"),
         (lambda w: w.update(undeployed=[{"model": "x", "upto": -1}]), "undeployed"),

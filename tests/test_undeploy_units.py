@@ -18,10 +18,14 @@ def test_merging_is_order_free_and_idempotent() -> None:
     one, two = Undeployed(), Undeployed()
     one.learn(markers, DeploymentClock())
     two.learn(list(reversed(markers)) * 2, DeploymentClock())
-    assert one.markers() == two.markers() == [
-        {"model": "a", "upto": 7},
-        {"model": "b", "upto": 2},
-    ]
+    assert (
+        one.markers()
+        == two.markers()
+        == [
+            {"model": "a", "upto": 7},
+            {"model": "b", "upto": 2},
+        ]
+    )
     changes = one.changes
     one.learn(markers, DeploymentClock())
     assert one.changes == changes  # nothing new: nothing to save or re-advertise

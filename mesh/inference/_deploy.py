@@ -89,7 +89,7 @@ class Deployer:
         peers = []
         for member in self.mesh.membership.members():
             advert = member.advert
-            if not self.mesh.is_live(advert.peer_id):
+            if not self.mesh.is_live(advert.peer_id) or not advert.compatible:
                 continue
             capacity = advert.capacity
             peers.append(
@@ -227,7 +227,9 @@ class Deployer:
         live = [
             m
             for m in self.mesh.membership.members()
-            if self.mesh.is_live(m.advert.peer_id) and m.advert.peer_id not in avoid
+            if self.mesh.is_live(m.advert.peer_id)
+            and m.advert.compatible
+            and m.advert.peer_id not in avoid
         ]
         sources = [m.advert.peer_id for m in live if entry.fragment in m.advert.fragments]
         if not sources:

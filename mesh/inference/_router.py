@@ -90,7 +90,7 @@ class Router:
         for member in self.mesh.membership.members():
             peer_id = member.advert.peer_id
             self.server.undeployed.learn(member.advert.undeployed, self.server.clock)
-            if not self.mesh.is_live(peer_id):
+            if not self.mesh.is_live(peer_id) or not member.advert.compatible:
                 continue
             for raw in member.advert.serving:
                 entry = ServingEntry(**raw)

@@ -64,7 +64,9 @@ class Undeployed:
         try:
             raw = json.loads(path.read_text())
             markers = {
-                str(m): u for m, u in raw.items() if type(u) is int  # not bool, not float
+                str(m): u
+                for m, u in raw.items()
+                if type(u) is int  # not bool, not float
             }
         except FileNotFoundError:
             return cls()

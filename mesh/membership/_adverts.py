@@ -4,9 +4,17 @@ An advert is signed with the member's libp2p key, so it can be relayed by anyone
 exchange) without anyone being able to forge or alter it; the peer id itself carries
 the public key that checks the signature. ``(incarnation, seq)`` orders adverts: the
 incarnation changes when a node restarts, the sequence number on every refresh.
+
+``v`` is the mesh protocol version the member speaks. What every version keeps, so that
+members of different versions still see each other, is the *core*: ``v``, ``peer_id``,
+``incarnation``, ``seq``, ``name``, ``addrs`` and ``sig``, and the signature rule (the
+member's key signs the msgpack of the whole advert without ``sig``, map keys sorted at
+every level). An advert of another version is checked on its core and signature,
+listed, and flagged incompatible; the rest of it is kept only to relay it unchanged. It
+lends no capacity, fragments or serving entries to this node, so it is given no work.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -26,23 +34,15 @@ from ..wire import (
     text,
     where,
 )
+from ._discovered import MalformedPeerError, check_addrs, check_peer_id
 
-VERSION = 2  # 2: adverts carry undeploy markers
-MAX_ADDRS = 16
+VERSION = 2  # 2: canonical signatures, undeploy markers
 MAX_FRAGMENTS = 4096
-_FIELDS = {
-    "v",
-    "peer_id",
-    "incarnation",
-    "seq",
-    "name",
-    "addrs",
-    "capacity",
-    "fragments",
-    "serving",
-    "undeployed",
-    "sig",
-}
+MAX_NAME = 64
+MAX_FOREIGN_BYTES = 64 << 10  # what we keep of an advert of another version, to relay it
+_CORE = {"v", "peer_id", "incarnation", "seq", "name", "addrs", "sig"}
+_BODY = {"capacity", "fragments", "serving", "undeployed"}
+
 MAX_SERVING = 256
 MAX_STAGES = 64
 # One stage of a deployment that the member hosts (see inference._serving.ServingEntry),
@@ -95,6 +95,23 @@ _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def unknown_capacity() -> dict[str, Any]:
+    """What we show for a member whose advert we cannot read the capacity of."""
+    return {name: [] if name == "providers" else None for name in _CAPACITY_FIELDS} | {
+        "platform": "?"
+    }
+
+
+def _canonical(value: Any) -> Any:
+    """The same bytes for the same content, whatever order a map's keys arrived in."""
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: msgpack.packb(kv[0], use_bin_type=True))
+        return {k: _canonical(v) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Advert:
     peer_id: str
@@ -107,28 +124,45 @@ class Advert:
     serving: tuple[dict[str, Any], ...] = ()
     undeployed: tuple[dict[str, Any], ...] = ()
     sig: bytes = b""
+    protocol: int = VERSION  # the wire's "v"
+    # An advert of another protocol version: everything but its core, kept to relay it.
+    foreign: dict[str, Any] = field(default_factory=dict)
 
     @property
     def version(self) -> tuple[int, int]:
         return (self.incarnation, self.seq)
 
+    @property
+    def compatible(self) -> bool:
+        """Whether this member speaks our protocol version (and may be given work)."""
+        return self.protocol == VERSION
+
     def _signed_bytes(self) -> bytes:
-        body = asdict(self)
+        body = self.to_wire()
         del body["sig"]
-        body["v"] = VERSION
-        return msgpack.packb(body, use_bin_type=True)
+        return msgpack.packb(_canonical(body), use_bin_type=True)
 
     def signed(self, key: PrivateKey) -> "Advert":
-        unsigned = Advert(**{**asdict(self), "sig": b""})
-        return Advert(**{**asdict(unsigned), "sig": key.sign(unsigned._signed_bytes())})
+        unsigned = replace(self, sig=b"")
+        return replace(unsigned, sig=key.sign(unsigned._signed_bytes()))
 
     def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        wire["v"] = VERSION
-        wire["addrs"] = list(self.addrs)
-        wire["fragments"] = list(self.fragments)
-        wire["serving"] = list(self.serving)
-        wire["undeployed"] = list(self.undeployed)
+        wire: dict[str, Any] = {
+            "v": self.protocol,
+            "peer_id": self.peer_id,
+            "incarnation": self.incarnation,
+            "seq": self.seq,
+            "name": self.name,
+            "addrs": list(self.addrs),
+        }
+        if self.compatible:
+            wire["capacity"] = self.capacity
+            wire["fragments"] = list(self.fragments)
+            wire["serving"] = list(self.serving)
+            wire["undeployed"] = list(self.undeployed)
+        else:
+            wire.update(self.foreign)
+        wire["sig"] = self.sig
         return wire
 
 
@@ -161,35 +195,69 @@ def check_undeployed(value: Any) -> tuple[dict[str, Any], ...]:
     return tuple(array(UNDEPLOY_MARKER, MAX_UNDEPLOYED)(value, "undeployed"))
 
 
-def advert_from_wire(wire: Any) -> Advert:
-    """Validate a received advert, including its signature; WireError says what is wrong."""
-    _check(wire, dict, "advert")
-    if set(wire) != _FIELDS:
-        raise WireError(f"advert fields differ: {sorted(set(wire) ^ _FIELDS)}")
-    if wire["v"] != VERSION:
-        raise WireError(f"advert version {wire['v']!r} is not {VERSION}")
-    addrs = _check(wire["addrs"], list, "addrs")
+def _body(wire: dict[str, Any]) -> dict[str, Any]:
+    """Capacity, fragments and serving entries of an advert of our own version."""
+    if set(wire) != _CORE | _BODY:
+        raise WireError(f"advert fields differ: {sorted(set(wire) ^ (_CORE | _BODY))}")
     fragments = _check(wire["fragments"], list, "fragments")
-    if len(addrs) > MAX_ADDRS or not all(isinstance(a, str) and len(a) < 256 for a in addrs):
-        raise WireError("advert addrs must be at most 16 short strings")
     if len(fragments) > MAX_FRAGMENTS or not all(isinstance(f, str) for f in fragments):
         raise WireError("advert fragments must be hash strings")
+    return {
+        "capacity": _capacity(wire["capacity"]),
+        "fragments": tuple(fragments),
+        "serving": check_serving(wire["serving"]),
+        "undeployed": check_undeployed(wire["undeployed"]),
+    }
+
+
+def _foreign(wire: dict[str, Any]) -> dict[str, Any]:
+    """An advert of another version: its capacity if we can read it, and its rest kept."""
+    if not _CORE <= set(wire):
+        raise WireError(f"advert lacks {sorted(_CORE - set(wire))}")
+    rest = {k: v for k, v in wire.items() if k not in _CORE}
+    try:
+        size = len(msgpack.packb(rest, use_bin_type=True))
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"advert body cannot be re-encoded: {exc}") from exc
+    if size > MAX_FOREIGN_BYTES:
+        raise WireError(f"an advert of another version is kept up to {MAX_FOREIGN_BYTES} bytes")
+    try:
+        capacity = _capacity(rest.get("capacity"))
+    except WireError:
+        capacity = unknown_capacity()
+    return {"capacity": capacity, "fragments": (), "serving": (), "undeployed": (), "foreign": rest}
+
+
+def advert_from_wire(wire: Any) -> Advert:
+    """Validate a received advert, including its signature; WireError says what is wrong.
+
+    An advert of another protocol version passes on its core and signature alone, and
+    comes back with ``compatible`` False.
+    """
+    _check(wire, dict, "advert")
+    protocol = _check(wire.get("v"), int, "v")
+    if not 0 < protocol < 1 << 16:
+        raise WireError(f"advert version {protocol} is out of range")
+    body = _body(wire) if protocol == VERSION else _foreign(wire)
+    try:
+        peer_id = check_peer_id(wire["peer_id"])
+        addrs = check_addrs(wire["addrs"], peer_id)
+    except MalformedPeerError as exc:
+        raise WireError(f"advert peer: {exc}") from exc
+    name = _check(wire["name"], str, "name")
+    if len(name) > MAX_NAME:
+        raise WireError(f"an advert's name is at most {MAX_NAME} characters")
     advert = Advert(
-        peer_id=_check(wire["peer_id"], str, "peer_id"),
+        peer_id=peer_id,
         incarnation=_check(wire["incarnation"], int, "incarnation"),
         seq=_check(wire["seq"], int, "seq"),
-        name=_check(wire["name"], str, "name")[:64],
+        name=name,
         addrs=tuple(addrs),
-        capacity=_capacity(wire["capacity"]),
-        fragments=tuple(fragments),
-        serving=check_serving(wire["serving"]),
-        undeployed=check_undeployed(wire["undeployed"]),
         sig=_check(wire["sig"], bytes, "sig"),
+        protocol=protocol,
+        **body,
     )
-    try:
-        public_key = ID.from_base58(advert.peer_id).extract_public_key()
-    except Exception as exc:  # base58/multihash decoding errors
-        raise WireError(f"advert peer id {advert.peer_id!r} is invalid") from exc
+    public_key = ID.from_base58(peer_id).extract_public_key()
     if public_key is None or not public_key.verify(advert._signed_bytes(), advert.sig):
         raise WireError(f"advert for {advert.peer_id} has a bad signature")
     return advert

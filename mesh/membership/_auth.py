@@ -15,6 +15,7 @@ every other protocol handler refuses its streams.
 
 import hmac
 import secrets
+from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
@@ -56,8 +57,14 @@ async def prove_as_dialer(stream: INetStream, key: MeshKey, me: ID, peer: ID) ->
         raise AuthError(f"mesh handshake with {peer} failed: {exc}") from exc
 
 
-async def verify_as_responder(stream: INetStream, key: MeshKey, me: ID, peer: ID) -> None:
-    """Run the responder's side; raises AuthError if the dialer is not in our mesh."""
+async def verify_as_responder(
+    stream: INetStream, key: MeshKey, me: ID, peer: ID, proven: Callable[[], None] = lambda: None
+) -> None:
+    """Run the responder's side; raises AuthError if the dialer is not in our mesh.
+
+    ``proven`` runs once the dialer's proof checks out and before we tell it so: the
+    dialer's next stream may arrive before this task runs again, and must find it admitted.
+    """
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT_S):
             nonce_d = (await read_message(stream, DIALER_NONCE))["nonce"]
@@ -70,6 +77,7 @@ async def verify_as_responder(stream: INetStream, key: MeshKey, me: ID, peer: ID
             ):
                 await write_message(stream, {"ok": False})
                 raise AuthError(f"peer {peer} does not hold this mesh's key")
+            proven()
             await write_message(stream, {"ok": True})
     except (WireError, trio.TooSlowError) as exc:
         raise AuthError(f"mesh handshake with {peer} failed: {exc}") from exc

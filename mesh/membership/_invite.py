@@ -9,6 +9,7 @@ shown on your own screen, a message to yourself).
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from .._errors import MeshError
+from ._discovered import MalformedPeerError, settings_targets
 from ._meshkey import MeshKey
 
 SCHEME = "salala"
@@ -36,4 +37,8 @@ def parse_invite(uri: str) -> tuple[MeshKey, list[str]]:
     peers = query.get("peer", [])
     if not peers:
         raise InviteError("the join URI names no peer to join through")
+    try:
+        settings_targets(peers)
+    except MalformedPeerError as exc:
+        raise InviteError(f"the join URI's peer: {exc}") from exc
     return key, peers

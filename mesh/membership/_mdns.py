@@ -5,6 +5,10 @@ other meshes never even show up. Each node publishes its peer id and multiaddrs 
 records and reports every other node it resolves. zeroconf runs its own thread; its
 callbacks only hand names over to trio, and every blocking call goes through a worker
 thread with a timeout.
+
+Anyone on the LAN can publish records of our service type, so each record passes
+``_discovered.from_mdns`` before anything reads it, and nothing a record does can end
+this task: a name that fails to resolve or parse is dropped with a debug line.
 """
 
 import logging
@@ -15,12 +19,14 @@ from typing import Any
 import trio
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from ._discovered import dropped, from_mdns
 from ._interfaces import Interface, InterfaceError
 
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
 _QUEUE = 256
+_NAMES = 256  # record names we remember the peer id of, to act on their removal
 
 
 def service_type(mesh_id: str) -> str:
@@ -29,18 +35,6 @@ def service_type(mesh_id: str) -> str:
 
 def _txt(peer_id: str, addrs: list[str]) -> dict[str, str]:
     return {"id": peer_id, **{f"a{i}": addr for i, addr in enumerate(addrs[:16])}}
-
-
-def _read_txt(info: ServiceInfo) -> tuple[str, list[str]] | None:
-    props = {
-        k.decode(errors="replace"): (v or b"").decode(errors="replace")
-        for k, v in (info.properties or {}).items()
-    }
-    peer_id = props.get("id")
-    if not peer_id:
-        return None
-    addrs = [props[k] for k in sorted(props) if k.startswith("a") and k[1:].isdigit()]
-    return peer_id, [a for a in addrs if a.endswith(f"/p2p/{peer_id}")]
 
 
 async def run_mdns(
@@ -97,16 +91,25 @@ async def run_mdns(
         browser = ServiceBrowser(zc, kind, handlers=[on_change])
         log.info("mDNS on %s as %s", ", ".join(i.name for i in interfaces), kind)
         task_status.started()
+        peers_by_name: dict[str, str] = {}
         async for name, removed in names_receive:
             if removed:  # stop dialing it; whether it is alive is membership's call
-                lost(name.removesuffix(f".{kind}"))
+                if name in peers_by_name:
+                    lost(peers_by_name.pop(name))
                 continue
-            resolved = await trio.to_thread.run_sync(
-                lambda name=name: zc.get_service_info(kind, name, RESOLVE_TIMEOUT_MS)
-            )
-            entry = _read_txt(resolved) if resolved is not None else None
-            if entry is not None and entry[0] != peer_id and entry[1]:
-                found(*entry)
+            try:
+                resolved = await trio.to_thread.run_sync(
+                    lambda name=name: zc.get_service_info(kind, name, RESOLVE_TIMEOUT_MS)
+                )
+                entry = from_mdns(resolved.properties or {}) if resolved is not None else None
+                if entry is not None and entry[0] != peer_id:
+                    peers_by_name.pop(name, None)
+                    peers_by_name[name] = entry[0]
+                    while len(peers_by_name) > _NAMES:
+                        del peers_by_name[next(iter(peers_by_name))]
+                    found(*entry)
+            except Exception as exc:  # zeroconf's refusals of a hostile name or record
+                dropped("mdns", f"record {name[:80]!r}: {exc!r}")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(3):
             if browser is not None:

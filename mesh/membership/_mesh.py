@@ -11,7 +11,10 @@ One ``Mesh`` owns the libp2p host's protocol handlers and a nursery of tasks:
 - *mDNS* (optional): advertise and browse on the chosen interfaces.
 
 Every stream operation has a deadline; every handler catches everything and resets its
-stream, so no peer can take the host down.
+stream, so no peer can take the host down. Until a peer passes the mesh-key handshake
+the host lets it negotiate nothing but that handshake (``_host.admit``). Whatever
+discovery hands us passes ``_discovered`` first, and what it can grow is bounded: the
+member table (``_table.MAX_MEMBERS``) and the peers found by mDNS (MAX_MDNS_TARGETS).
 """
 
 import logging
@@ -34,7 +37,8 @@ from .._peerid import short_id
 from ..wire import SchemaError, read_message, write_message
 from . import _auth, _sync
 from ._adverts import Advert, advert_from_wire, capacity_changed
-from ._host import open_host, parse_multiaddrs
+from ._discovered import dropped, settings_targets
+from ._host import admit, open_host, parse_multiaddrs
 from ._interfaces import Interface, advertised_addrs, select_interfaces
 from ._invite import make_invite
 from ._mdns import run_mdns
@@ -54,6 +58,7 @@ DISCONNECT_TIMEOUT_S = 2.0
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 8.0
 MAINTAIN_S = 0.5
+MAX_MDNS_TARGETS = 64  # peers found by mDNS that we dial before they are members
 
 
 @dataclass(frozen=True)
@@ -79,22 +84,6 @@ class MeshConfig:
     name: str = field(default_factory=socket.gethostname)
 
 
-def _peer_of(addr: str) -> str:
-    parts = addr.rstrip("/").split("/")
-    if "p2p" not in parts or parts.index("p2p") + 1 >= len(parts):
-        raise MeshError(f"peer address {addr!r} needs a /p2p/<peer id> part")
-    return parts[parts.index("p2p") + 1]
-
-
-def bootstrap_targets(peers: list[str]) -> dict[str, list[str]]:
-    """``--peer`` addresses by peer id; raises MeshError for one without /p2p/."""
-    targets: dict[str, list[str]] = {}
-    for addr in peers:
-        parse_multiaddrs([addr], "peer address")
-        targets.setdefault(_peer_of(addr), []).append(addr)
-    return targets
-
-
 class Mesh:
     def __init__(
         self,
@@ -115,7 +104,8 @@ class Mesh:
             [str(a) for a in host.get_addrs()], self.peer_id, self.interfaces
         )
         self._targets = {p: a for p, a in targets.items() if p != self.peer_id}  # peer -> addrs
-        self._mdns_found: set[str] = set()
+        self._mdns_found: dict[str, None] = {}  # ordered: the oldest find first
+        self._mdns_crowded = False  # said once that there were too many
         self._authenticated: set[str] = set()
         self._sessions: dict[str, trio.CancelScope] = {}
         self._retry_at: dict[str, float] = {}
@@ -125,6 +115,7 @@ class Mesh:
         self._seq = 0
         self.membership = Membership(self._make_advert(), trio.current_time())
         self._nursery: trio.Nursery | None = None
+        admit(host, lambda peer: peer.to_base58() in self._authenticated)
 
     @property
     def mesh_id(self) -> str:
@@ -192,6 +183,8 @@ class Mesh:
                     "undeployed": list(advert.undeployed),
                     "incarnation": advert.incarnation,
                     "seq": advert.seq,
+                    "protocol": advert.protocol,
+                    "compatible": advert.compatible,
                     "rtt_ms": member.rtt_ms,
                     "last_seen_s": round(now - member.last_seen, 3),
                 }
@@ -238,9 +231,11 @@ class Mesh:
             try:
                 advert = advert_from_wire(wire)
             except WireError as exc:
-                log.debug("ignoring advert from %s: %s", via, exc)
+                dropped("exchange", f"an advert sent by {short_id(via)}: {exc}")
                 continue
             change = self.membership.apply(advert, now, direct=advert.peer_id == via)
+            if change is Change.FULL:
+                dropped("exchange", f"{advert.peer_id}: the member table is full")
             if change in (Change.NEW, Change.RESTARTED):
                 log.info(
                     "peer %s (%s) %s",
@@ -267,28 +262,73 @@ class Mesh:
         self._retry_delay.pop(peer_id, None)
 
     def found_by_mdns(self, peer_id: str, addrs: list[str]) -> None:
-        if peer_id != self.peer_id and self._targets.get(peer_id) != addrs:
-            self._targets[peer_id] = addrs
-            self._mdns_found.add(peer_id)
-            self._learn_addrs(peer_id, addrs)
+        """Dial a peer an mDNS record names (already checked by ``_discovered``).
+
+        A record is unsigned: for a member, its signed advert's addresses stand, so a
+        record cannot redirect us away from it. At most MAX_MDNS_TARGETS at once: a new
+        find pushes out the oldest one that never passed the handshake, so a flood of
+        records costs neither memory nor dial tasks without limit, and a real newcomer
+        still gets its turn.
+        """
+        if peer_id == self.peer_id or self._targets.get(peer_id) == addrs:
+            return
+        if peer_id in self.membership:  # its signed advert outranks an unsigned record
+            return
+        if peer_id not in self._targets and len(self._mdns_found) >= MAX_MDNS_TARGETS:
+            if not self._mdns_crowded:
+                self._mdns_crowded = True
+                log.warning(
+                    "mDNS: more than %d peers found; dialing the newest (a flood on the LAN?)",
+                    MAX_MDNS_TARGETS,
+                )
+            unproven = (p for p in self._mdns_found if p not in self._authenticated)
+            oldest = next(unproven, None)
+            if oldest is None:
+                dropped("mdns", f"{peer_id}: already dialing {MAX_MDNS_TARGETS} found peers")
+                return
+            self._forget_target(oldest)
+        self._targets[peer_id] = addrs
+        self._mdns_found.pop(peer_id, None)
+        self._mdns_found[peer_id] = None
+        self._learn_addrs(peer_id, addrs)
 
     def lost_by_mdns(self, peer_id: str) -> None:
         if peer_id in self._mdns_found:  # bootstrap peers stay targets
-            self._mdns_found.discard(peer_id)
-            self._targets.pop(peer_id, None)
+            self._forget_target(peer_id)
+
+    def _forget_target(self, peer_id: str) -> None:
+        """Stop dialing an mDNS find; a member stays wanted through membership."""
+        self._mdns_found.pop(peer_id, None)
+        self._targets.pop(peer_id, None)
+        if peer_id in self._authenticated or peer_id in self.membership:
+            return
+        scope = self._sessions.pop(peer_id, None)
+        if scope is not None:
+            scope.cancel()
+        self._retry_at.pop(peer_id, None)
+        self._retry_delay.pop(peer_id, None)
+        try:
+            self._host.get_peerstore().clear_addrs(ID.from_base58(peer_id))
+        except Exception as exc:  # a peerstore that no longer knows it is fine
+            log.debug("forgetting %s: %r", peer_id[-8:], exc)
 
     # ---- inbound streams ------------------------------------------------------
 
     async def _handle_auth(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
         try:
-            await _auth.verify_as_responder(stream, self.config.key, self._host.get_id(), peer)
+            await _auth.verify_as_responder(
+                stream,
+                self.config.key,
+                self._host.get_id(),
+                peer,
+                proven=lambda: self._authenticated.add(peer.to_base58()),
+            )
         except AuthError as exc:
             log.info("refused %s: %s", peer.to_base58()[-8:], exc)
             await self._reset(stream)
             self._disconnect_soon(peer.to_base58())
             return
-        self._authenticated.add(peer.to_base58())
         with trio.move_on_after(DISCONNECT_TIMEOUT_S):
             await stream.close()
 
@@ -351,9 +391,10 @@ class Mesh:
     # ---- outbound: one task per peer -------------------------------------------
 
     async def _peer_task(self, peer_id: str, scope: trio.CancelScope) -> None:
-        peer = ID.from_base58(peer_id)
+        """Dial, prove, exchange; whatever happens ends here (a retry is scheduled)."""
         with scope:
             try:
+                peer = ID.from_base58(peer_id)  # checked before, and caught here regardless
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     if peer not in self._host.get_connected_peers():
                         addrs = self._host.get_peerstore().addrs(peer)
@@ -373,7 +414,8 @@ class Mesh:
             except Exception as exc:  # dial failures, resets, timeouts: retry later
                 log.debug("peer %s: %r", peer_id[-8:], exc)
                 self._schedule_retry(peer_id)
-        self._sessions.pop(peer_id, None)
+        if self._sessions.get(peer_id) is scope:
+            del self._sessions[peer_id]
 
     def _schedule_retry(self, peer_id: str, delay: float | None = None) -> None:
         delay = delay or min(RETRY_MAX_S, self._retry_delay.get(peer_id, RETRY_MIN_S / 2) * 2)
@@ -434,6 +476,9 @@ class Mesh:
 
         wanted = set(self._targets) | {m.advert.peer_id for m in self.membership.members()}
         wanted.discard(self.peer_id)
+        for peer_id in set(self._retry_at) - wanted:  # peers we no longer want to dial
+            self._retry_at.pop(peer_id)
+            self._retry_delay.pop(peer_id, None)
         for peer_id in wanted - set(self._sessions):
             if self._retry_at.get(peer_id, 0.0) > now:
                 continue
@@ -476,8 +521,11 @@ async def open_mesh(
 ) -> AsyncIterator[Mesh]:
     """Start this node's host and mesh membership; both stop when the block exits."""
     interfaces = select_interfaces(config.interfaces)  # settings errors surface before
-    targets = bootstrap_targets(config.peers)  # anything starts, as plain MeshErrors
-    async with open_host(key_pair, config.listen) as host, trio.open_nursery() as nursery:
+    targets = settings_targets(config.peers)  # anything starts, as plain MeshErrors
+    async with (
+        open_host(key_pair, config.listen, frozenset({_auth.PROTOCOL})) as host,
+        trio.open_nursery() as nursery,
+    ):
         mesh = Mesh(host, key_pair, config, local_state, interfaces, targets)
         await nursery.start(mesh.run)
         try:

@@ -5,6 +5,12 @@ A member is alive while it keeps producing newer adverts or answering us directl
 one that falls silent is evicted and remembered as a tombstone, so that copies of its
 old adverts still circulating cannot bring it back. Only a newer advert can: a restart
 brings a new incarnation.
+
+The table is bounded (MAX_MEMBERS, tombstones MAX_TOMBSTONES): any member can relay
+adverts of as many made-up peers as it likes, each validly signed by a fresh key. When it
+is full, a member we have only heard of through others makes room first (the one heard
+of longest ago); a member we have exchanged with directly makes room only for another
+that did (the most silent one goes), and our own entry never goes.
 """
 
 from dataclasses import dataclass
@@ -12,12 +18,16 @@ from enum import Enum
 
 from ._adverts import Advert
 
+MAX_MEMBERS = 256
+MAX_TOMBSTONES = 1024
+
 
 class Change(Enum):
     NEW = "new"  # first advert from this member (or back after eviction)
     RESTARTED = "restarted"  # a new incarnation: addresses may have moved
     UPDATED = "updated"
     STALE = "stale"  # not newer than what we have: ignored
+    FULL = "full"  # a newcomer with no room left for it: ignored
 
 
 @dataclass
@@ -25,13 +35,15 @@ class Member:
     advert: Advert
     last_seen: float
     rtt_ms: float | None = None
+    direct: bool = False  # we have exchanged with it ourselves, not only heard of it
 
 
 class Membership:
-    def __init__(self, own: Advert, now: float) -> None:
+    def __init__(self, own: Advert, now: float, max_members: int = MAX_MEMBERS) -> None:
         self.own_id = own.peer_id
-        self._members: dict[str, Member] = {own.peer_id: Member(own, now)}
+        self._members: dict[str, Member] = {own.peer_id: Member(own, now, direct=True)}
         self._tombstones: dict[str, tuple[int, int]] = {}
+        self._max_members = max_members
 
     def apply(self, advert: Advert, now: float, direct: bool = False) -> Change:
         """Take in an advert if it is newer than what we know.
@@ -53,15 +65,30 @@ class Membership:
             )
             current.advert = advert
             current.last_seen = now
+            current.direct = current.direct or direct
             if change is Change.RESTARTED:
                 current.rtt_ms = None
             return change
         tombstone = self._tombstones.get(advert.peer_id)
         if tombstone is not None and advert.version <= tombstone and not direct:
             return Change.STALE
+        if len(self._members) >= self._max_members and not self._make_room(direct):
+            return Change.FULL
         self._tombstones.pop(advert.peer_id, None)
-        self._members[advert.peer_id] = Member(advert, now)
+        self._members[advert.peer_id] = Member(advert, now, direct=direct)
         return Change.NEW
+
+    def _make_room(self, for_direct: bool) -> bool:
+        """Drop the member heard of only through others for longest, if there is one;
+        for a newcomer that spoke to us directly, else the most silent direct member."""
+        others = [m for m in self._members.values() if m.advert.peer_id != self.own_id]
+        indirect = [m for m in others if not m.direct]
+        candidates = indirect or (others if for_direct else [])
+        if not candidates:
+            return False
+        oldest = min(candidates, key=lambda m: m.last_seen)
+        del self._members[oldest.advert.peer_id]
+        return True
 
     def set_own(self, advert: Advert, now: float) -> None:
         self._members[self.own_id] = Member(advert, now)
@@ -75,6 +102,7 @@ class Membership:
         member = self._members.get(peer_id)
         if member is not None:
             member.last_seen = now
+            member.direct = True
             if rtt_ms is not None:
                 member.rtt_ms = rtt_ms
 
@@ -86,7 +114,10 @@ class Membership:
             if peer_id != self.own_id and now - member.last_seen > silent_for
         ]
         for peer_id in gone:
+            self._tombstones.pop(peer_id, None)  # re-inserted last: the newest
             self._tombstones[peer_id] = self._members.pop(peer_id).advert.version
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]
         return gone
 
     def digest(self) -> dict[str, tuple[int, int]]:

@@ -169,9 +169,7 @@ async def _fetch_into(
         model_file = incoming / sha256 / MODEL_FILE
         model_file.parent.mkdir(exist_ok=True)
         part.replace(model_file)
-        stored, _ = await trio.to_thread.run_sync(
-            partial(store.add_object, model_file, move=True)
-        )
+        stored, _ = await trio.to_thread.run_sync(partial(store.add_object, model_file, move=True))
         model_file.unlink(missing_ok=True)  # still here if a concurrent import won
         model_file.parent.rmdir()
         if stored != sha256:
