@@ -44,8 +44,12 @@ class Member:
     async def ask(self, protocol: str, message: dict[str, Any], timeout: float = 30) -> Any:
         """One control message; the node's first answer (any map)."""
         stream = await self.open(protocol)
-        await write_message(stream, message)
-        return await read_message(stream, ANY_MAP, timeout)
+        try:
+            await write_message(stream, message)
+            return await read_message(stream, ANY_MAP, timeout)
+        finally:  # a connection carries a bounded number of open streams
+            with trio.move_on_after(2):
+                await stream.reset()
 
     async def send_frame(
         self, protocol: str, header: dict[str, Any], tensors: dict[str, Any] | None = None

@@ -109,6 +109,7 @@ SURFACES = {
     "salala.mesh.membership": {
         "SERVING_ENTRY",
         "DEPLOYMENT",
+        "MAX_SERVING",
         "InterfaceError",
         "InviteError",
         "make_invite",

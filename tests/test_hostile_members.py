@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import trio
 from conftest import NodeProcess, minilm_inputs
@@ -287,3 +288,53 @@ async def test_a_stage_larger_than_free_memory_is_refused_before_any_fetch(
     assert reply["ok"] is False and "MiB free" in reply["error"], reply
     incoming = node.data_dir / "store" / "incoming"
     assert not any(p.name.startswith(huge["plan"][0]["fragment"]) for p in incoming.glob("*"))
+
+
+async def test_a_thousand_deploys_leave_the_node_listed_and_serving(
+    target: list[NodeProcess], node: NodeProcess
+) -> None:
+    """A member asks the node to host stages of 1,000 deployments of the fragment it
+    already runs: it hosts what its adverts can list, refuses the rest by name, and
+    stays a member everyone can see."""
+    _, plan, hosts = real_plan(target)
+    mine = next(i for i, peers in enumerate(hosts) if identity(node)[0] in peers)
+    refused: list[str] = []
+    async with member_of(node) as member:
+        for i in range(1000):
+            spam = entry(
+                node,
+                model=f"spam-{i}",
+                deployment=f"spam-{i}@1-attacker",
+                stage=mine,
+                plan=plan,
+            )
+            try:
+                reply = await member.ask(DEPLOY, {"entry": spam, "sources": [member.peer_id]})
+            except trio.TooSlowError:
+                raise AssertionError(f"deploy {i} got no answer") from None
+            if not reply["ok"]:
+                refused.append(reply["error"])
+    assert refused and all("already hosts 256 stages" in why for why in refused), refused[:3]
+    formed(target)  # the node's adverts (at most 256 entries) still reach everyone
+
+
+async def test_many_streams_of_maximal_frames_are_held_to_the_frame_budget(
+    target: list[NodeProcess], node: NodeProcess
+) -> None:
+    """200 streams at once, each a 1 MiB frame (the node's --max-tensor-mb): the node
+    reads two of a peer's frames at a time and the rest wait, so its memory holds."""
+    node_id, _ = identity(node)
+    current, _, _ = real_plan(target)
+    junk = {"junk": np.zeros((1, 262_000), dtype=np.float32)}  # just under 1 MiB
+
+    async def flood(member: Any) -> None:
+        header = infer_header(member.peer_id, node_id, dep=current)
+        try:
+            await member.send_frame(INFER, header, junk)
+        except Exception:  # held back past Yamux's 5 s window: the stream is reset
+            pass
+
+    async with member_of(node) as member:
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(flood, member)

@@ -26,7 +26,7 @@ from libp2p.custom_types import TProtocol
 from ...runtime import InputMismatchError, ModelLoadError, ModelSession
 from .._errors import MeshError
 from .._peerid import short_id
-from ..membership import Mesh
+from ..membership import MAX_SERVING, Mesh
 from ..wire import (
     PEER_ID,
     Fetcher,
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PROTOCOL = TProtocol("/salala/infer/1.0.0")
 QUEUE = 8
 IDLE_TIMEOUT_S = 3600.0
+MAX_HOSTED = MAX_SERVING
 OUTBOUND_FRAMES = 4  # outputs (of the largest size) a node keeps on the wire at once
 DEFAULT_MAX_PAYLOAD = 256 << 20
 
@@ -166,6 +167,7 @@ class StageServer:
             )
         if self.undeployed.covers(entry.model, entry.created):
             raise MeshError(f"{entry.deployment} has been undeployed")
+        self._check_room(entry)
         if entry.fragment not in self._sessions:
             needed = int(MEMORY_FACTOR * entry.fragment_bytes)
             free = psutil.virtual_memory().available
@@ -183,8 +185,17 @@ class StageServer:
                 raise MeshError(f"fragment {entry.fragment[:12]} does not load: {exc}") from exc
             await trio.to_thread.run_sync(_warm, session, limiter=self._compute)
             self._sessions[entry.fragment] = session
+        self._check_room(entry)  # again: other stages may have landed while this one loaded
         self._hosted[(entry.deployment, entry.stage)] = entry
         self.mesh.refresh()
+
+    def _check_room(self, entry: ServingEntry) -> None:
+        """An advert lists at most MAX_HOSTED stages; one more and peers would refuse it."""
+        if (entry.deployment, entry.stage) not in self._hosted and len(self._hosted) >= MAX_HOSTED:
+            raise MeshError(
+                f"{short_id(self.mesh.peer_id)} already hosts {MAX_HOSTED} stages; "
+                "undeploy something first"
+            )
 
     def retire(self, current: dict[str, tuple[int, str]]) -> None:
         """Stop hosting stages of deployments older than the ``current`` (complete) one of

@@ -5,6 +5,7 @@ exchange, the member table, mDNS on chosen interfaces, and invites.
 """
 
 from ._adverts import DEPLOYMENT as DEPLOYMENT
+from ._adverts import MAX_SERVING as MAX_SERVING
 from ._adverts import SERVING_ENTRY as SERVING_ENTRY
 from ._interfaces import InterfaceError as InterfaceError
 from ._invite import InviteError as InviteError
