@@ -120,7 +120,7 @@ class ModelStore:
         """Bytes the store holds, plus those promised to writes in progress."""
         with self._lock:
             promised = sum(size for size, _ in self._reserved.values())
-        return sum(size for size, _ in self.objects().values()) + promised
+        return sum(size for size, _ in self.objects().values()) + promised + self._partial_bytes()
 
     @contextmanager
     def pinned(self, shas: Iterable[str]) -> Iterator[None]:
@@ -150,7 +150,16 @@ class ModelStore:
                 objects = self.objects()
                 with self._lock:
                     promised = sum(size for size, _ in self._reserved.values())
+                    fetching = {sha for _, sha in self._reserved.values() if sha} | {sha256}
                 used = sum(size for size, _ in objects.values()) + promised
+                used += self._partial_bytes()
+                # Partial downloads count too, and when room is short those no fetch is
+                # resuming go first: a peer that stops every transfer just short of its
+                # end must not fill the disk.
+                if used + wanted > self.max_bytes:
+                    stale = self._partials(fetching)
+                    self._drop_partials(stale)
+                    used -= sum(stale.values())
                 evict = plan_eviction(
                     objects, self._protected(), self.max_bytes, used, wanted, what
                 )
@@ -159,6 +168,25 @@ class ModelStore:
                 self._reservations += 1
                 self._reserved[self._reservations] = (wanted, sha256)
                 return self._reservations
+
+    def _partials(self, fetching: Iterable[str | None]) -> dict[Path, int]:
+        """Partial downloads (``incoming/*.part``) that no fetch in progress is resuming."""
+        found, busy = {}, set(fetching)
+        for part in (self.root / "incoming").glob("*.part"):
+            if part.name.removesuffix(".part") not in busy:
+                try:
+                    found[part] = part.stat().st_size
+                except OSError:
+                    continue  # finished or removed meanwhile
+        return found
+
+    def _partial_bytes(self) -> int:
+        return sum(self._partials(set()).values())
+
+    @staticmethod
+    def _drop_partials(parts: dict[Path, int]) -> None:
+        for part in parts:
+            part.unlink(missing_ok=True)
 
     def release(self, reservation: int) -> None:
         with self._lock:
@@ -198,11 +226,9 @@ class ModelStore:
             plans = self._remove(removed)
             with self._lock:
                 fetching = {sha for _, sha in self._reserved.values() if sha}
-            partial = 0
-            for part in (self.root / "incoming").glob("*.part"):
-                if part.name.removesuffix(".part") not in fetching:
-                    partial += part.stat().st_size
-                    part.unlink(missing_ok=True)
+            stale = self._partials(fetching)
+            partial = sum(stale.values())
+            self._drop_partials(stale)
         return {
             "removed": [{"sha256": sha, "size": size} for sha, size in sorted(removed.items())],
             "plans": plans,

@@ -151,3 +151,21 @@ def test_plans_of_models_still_stored_survive_gc_when_their_fragments_are_used(
     plan_file.write_text(json.dumps({"sha256": stored.sha256, "fragments": []}))
     store.collect_garbage()
     assert plan_file.exists()  # it points at nothing that was removed
+
+
+def test_partial_downloads_count_and_stale_ones_go_first_when_room_is_short(
+    tmp_path: Path,
+) -> None:
+    """A peer that stops every transfer just short of its end leaves .part files; they
+    count against the quota, and when room is short those no fetch resumes are dropped."""
+    store = ModelStore(tmp_path, max_bytes=10_000)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    stale, resumed = incoming / f"{'aa' * 32}.part", incoming / f"{'bb' * 32}.part"
+    stale.write_bytes(b"x" * 6000)
+    resumed.write_bytes(b"y" * 1000)
+    assert store.used_bytes() == 7000
+    store.release(store.reserve(2000, "a small fetch", "cc" * 32))  # room enough: kept
+    assert stale.exists()
+    store.reserve(8000, "fragment bb", "bb" * 32)  # short of room: the stale part goes
+    assert not stale.exists() and resumed.exists()

@@ -24,7 +24,7 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
 from ...runtime import InputMismatchError, ModelLoadError, ModelSession
-from .._errors import MeshError
+from .._errors import MeshError, WireError
 from .._peerid import short_id
 from ..membership import MAX_SERVING, Mesh
 from ..wire import (
@@ -55,6 +55,7 @@ QUEUE = 8
 IDLE_TIMEOUT_S = 3600.0
 MAX_HOSTED = MAX_SERVING
 OUTBOUND_FRAMES = 4  # outputs (of the largest size) a node keeps on the wire at once
+SKIP_AT_MOST = 4  # an oversized frame up to this many times the limit is read and dropped
 DEFAULT_MAX_PAYLOAD = 256 << 20
 
 
@@ -145,7 +146,9 @@ class StageServer:
         ](QUEUE)
         # Outputs on their way to the next stage: the worker waits for room here, so a
         # slow downstream stage slows this one instead of piling up send tasks.
-        self._outbound = FrameBudget(OUTBOUND_FRAMES * max_payload, OUTBOUND_FRAMES * max_payload)
+        self._outbound = FrameBudget(
+            OUTBOUND_FRAMES * max_payload, OUTBOUND_FRAMES // 2 * max_payload
+        )
         self._nursery: trio.Nursery | None = None
 
     def serving(self) -> list[dict[str, Any]]:
@@ -242,11 +245,14 @@ class StageServer:
                 raise
             size = payload_size(header)
             if size > self.max_payload:
-                await self._refuse(
-                    header,
-                    "too_large",
-                    f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
-                )
+                if header["kind"] == "infer":  # results and refusals are ours to receive
+                    await self._refuse(
+                        header,
+                        "too_large",
+                        f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
+                    )
+                if size > SKIP_AT_MOST * self.max_payload:
+                    raise WireError(f"a frame of {size} bytes is not worth reading past")
                 # Skip, not reset: a reset would reach the sender as "peer unreachable".
                 await skip_payload(stream, size, frame_timeout(size))
                 continue

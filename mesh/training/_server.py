@@ -209,7 +209,11 @@ class TrainServer:
             task_status.started()
             async for header, tensors, lease in self._work_receive:
                 try:
-                    await self._dispatch(header, tensors)
+                    if header["kind"] == "setup":  # its task holds the lease till it ends
+                        nursery.start_soon(self._setup, header, tensors, lease)
+                        lease = None
+                    else:
+                        await self._dispatch(header, tensors)
                 except Exception as exc:  # one bad job must not stop the worker
                     log.exception("training frame %s failed", header["kind"])
                     self._to_driver(header, "error", message=f"{type(exc).__name__}: {exc}")
@@ -224,10 +228,6 @@ class TrainServer:
             self._ended.add(header["job"])
             for other in [k for k in self._stages if k[0] == header["job"]]:
                 del self._stages[other]
-            return
-        if kind == "setup":
-            assert self._nursery is not None
-            self._nursery.start_soon(self._setup, header, tensors)
             return
         hosted = self._stages.get(_key(header))
         if hosted is None or hosted.attempt != header["attempt"]:
@@ -257,12 +257,23 @@ class TrainServer:
             hosted.received[header["sender"]] = (tensors, header["samples"])
             await self._maybe_step(hosted)
 
-    async def _setup(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    async def _setup(
+        self, header: dict[str, Any], tensors: dict[str, np.ndarray], lease: Lease | None
+    ) -> None:
         """Fetch the stage's graphs, load them, wait for its neighbours, then say ready.
 
         Runs in its own task (fetching may take a while); anything that goes wrong is
         reported to the driver, which re-plans, and never reaches the node's nursery.
+        The setup frame's bytes stay leased until the task ends, so setups that wait on
+        slow fetches count against the node's frame budget.
         """
+        try:
+            await self._set_up(header, tensors)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _set_up(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         key = _key(header)
         try:
             checkpoints = inside(self.checkpoint_root, key[0], f"stage-{key[1]}.npz")

@@ -18,7 +18,7 @@ from libp2p.abc import INetStream
 
 from .._errors import WireError
 from . import _codecs
-from ._messages import HEADER, read_exactly
+from ._messages import HEADER, read_exactly, read_some, write_all
 from ._schema import Check, SchemaError, validate
 
 MAX_HEADER = 1 << 20
@@ -28,6 +28,7 @@ CHUNK = 4 << 20
 # a poor Wi-Fi link to a phone; links are not measured yet (see docs/architecture.md).
 FRAME_BASE_S = 10.0
 FLOOR_RATE = 2 << 20  # bytes/s
+STALL_S = 10.0  # a frame in progress that sends nothing for this long is abandoned
 
 
 def frame_timeout(size: int) -> float:
@@ -53,10 +54,10 @@ async def write_frame(
     stream: INetStream, head: bytes, views: list[memoryview], timeout: float
 ) -> None:
     with trio.fail_after(timeout):
-        await stream.write(head)
+        await write_all(stream, head)
         for view in views:
             for start in range(0, len(view), CHUNK):
-                await stream.write(view[start : start + CHUNK])  # type: ignore[arg-type]  # any buffer
+                await write_all(stream, view[start : start + CHUNK])
 
 
 async def read_header(stream: INetStream, schema: Check, idle_timeout: float) -> dict[str, Any]:
@@ -67,7 +68,7 @@ async def read_header(stream: INetStream, schema: Check, idle_timeout: float) ->
     if length > MAX_HEADER:
         raise WireError(f"frame header of {length} bytes is too large")
     with trio.fail_after(10):
-        body = await read_exactly(stream, length)
+        body = await read_exactly(stream, length, STALL_S)
     try:
         header = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack's zoo of errors
@@ -106,7 +107,7 @@ async def read_payload(
             for (dtype, shape), size in zip(
                 _codecs.part_layout(tensor), tensor["sizes"], strict=True
             ):
-                data = await read_exactly(stream, size)
+                data = await read_exactly(stream, size, STALL_S)
                 parts.append(np.frombuffer(data, dtype=dtype).reshape(shape))
             try:
                 tensors[str(tensor["name"])] = _codecs.decode(tensor, parts)
@@ -125,7 +126,7 @@ async def skip_payload(stream: INetStream, size: int, timeout: float) -> None:
     with trio.fail_after(timeout):
         left = size
         while left:
-            chunk = await stream.read(min(left, CHUNK))
+            chunk = await read_some(stream, min(left, CHUNK), STALL_S)
             if not chunk:
                 raise WireError(f"stream ended with {left} bytes of a refused frame unread")
             left -= len(chunk)

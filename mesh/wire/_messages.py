@@ -5,12 +5,14 @@ returns *up to* n bytes, so reads loop until they have the whole frame; every pe
 untrusted, so lengths are capped before anything is allocated.
 """
 
+import math
 import struct
 from typing import Any
 
 import msgpack
 import trio
 from libp2p.abc import INetStream
+from libp2p.exceptions import BaseLibp2pError
 
 from .._errors import WireError
 from ._schema import Check, validate
@@ -36,10 +38,35 @@ def unpack(body: bytes) -> dict[str, Any]:
     return message
 
 
-async def read_exactly(stream: INetStream, count: int) -> bytes:
+async def read_some(stream: INetStream, count: int, stall: float | None = None) -> bytes:
+    """Up to ``count`` bytes, ``b""`` at the stream's end, within ``stall`` seconds.
+
+    py-libp2p's own errors (a reset, a closed connection) become WireError here, so a
+    peer breaking a stream never surfaces as a libp2p exception above the wire.
+    """
+    try:
+        with trio.fail_after(stall if stall is not None else math.inf):
+            return await stream.read(count)
+    except EOFError:  # StreamEOF and the muxer's EOF both derive from it
+        return b""
+    except BaseLibp2pError as exc:
+        raise WireError(f"the peer broke the stream: {exc!r}") from exc
+
+
+async def write_all(stream: INetStream, data: bytes | memoryview) -> None:
+    """Write ``data``; WireError if the peer broke the stream."""
+    try:
+        await stream.write(data)  # type: ignore[arg-type]  # any buffer will do
+    except BaseLibp2pError as exc:
+        raise WireError(f"the peer broke the stream: {exc!r}") from exc
+
+
+async def read_exactly(stream: INetStream, count: int, stall: float | None = None) -> bytes:
+    """Exactly ``count`` bytes (py-libp2p's read returns up to n); each read within
+    ``stall`` seconds, so a peer that trickles cannot hold a reader forever."""
     buffer = bytearray()
     while len(buffer) < count:
-        chunk = await stream.read(min(count - len(buffer), _CHUNK))
+        chunk = await read_some(stream, min(count - len(buffer), _CHUNK), stall)
         if not chunk:
             raise WireError(f"stream ended after {len(buffer)} of {count} bytes")
         buffer += chunk
@@ -64,4 +91,4 @@ async def write_message(
     stream: INetStream, message: dict[str, Any], timeout: float = IO_TIMEOUT_S
 ) -> None:
     with trio.fail_after(timeout):
-        await stream.write(pack(message))
+        await write_all(stream, pack(message))

@@ -25,7 +25,7 @@ from ...models import MODEL_FILE, ModelStore, StoreFullError, inside
 from .._errors import MeshError, WireError
 from .._peerid import short_id
 from ._links import Streams
-from ._messages import read_message, write_message
+from ._messages import read_message, read_some, write_all, write_message
 from ._schema import SHA256, integer, record, text, where
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ async def serve_fetch(store: ModelStore, peer_id: str, stream: INetStream) -> No
         source.seek(min(offset, size))
         while chunk := await trio.to_thread.run_sync(source.read, CHUNK):
             with trio.fail_after(STALL_TIMEOUT_S):
-                await stream.write(chunk)
+                await write_all(stream, chunk)
     with trio.move_on_after(STALL_TIMEOUT_S):
         await stream.close()
 
@@ -86,8 +86,7 @@ async def _fetch_from(
             )
         with part.open("ab") as sink:
             while offset < size:
-                with trio.fail_after(STALL_TIMEOUT_S):
-                    chunk = await stream.read(min(CHUNK, size - offset))
+                chunk = await read_some(stream, min(CHUNK, size - offset), STALL_TIMEOUT_S)
                 if not chunk:
                     raise TransferError(
                         f"{short_id(peer_id)} stopped after {offset} of {size} bytes"
