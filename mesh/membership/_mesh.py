@@ -20,6 +20,7 @@ member table (``_table.MAX_MEMBERS``) and the peers found by mDNS (MAX_MDNS_TARG
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ DISCONNECT_TIMEOUT_S = 2.0
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 8.0
 MAINTAIN_S = 0.5
+STREAMS_PER_PEER = 16  # open inbound streams one member may hold per protocol
 MAX_MDNS_TARGETS = 64  # peers found by mDNS that we dial before they are members
 
 
@@ -107,6 +109,7 @@ class Mesh:
         self._mdns_found: dict[str, None] = {}  # ordered: the oldest find first
         self._mdns_crowded = False  # said once that there were too many
         self._authenticated: set[str] = set()
+        self._open_streams: Counter[tuple[str, str]] = Counter()
         self._sessions: dict[str, trio.CancelScope] = {}
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
@@ -203,7 +206,22 @@ class Mesh:
             if peer not in self._authenticated:
                 await self._reset(stream)
                 return
-            await handler(peer, stream)
+            # py-libp2p buffers up to a 256 KiB window on every stream, read or not: a
+            # member opening hundreds would fill memory outside any frame budget.
+            slot = (peer, protocol)
+            if self._open_streams[slot] >= STREAMS_PER_PEER:
+                log.debug(
+                    "refused a stream from %s: %d open on %s", peer[-8:], STREAMS_PER_PEER, protocol
+                )
+                await self._reset(stream)
+                return
+            self._open_streams[slot] += 1
+            try:
+                await handler(peer, stream)
+            finally:
+                self._open_streams[slot] -= 1
+                if not self._open_streams[slot]:
+                    del self._open_streams[slot]
 
         members_only.__name__ = f"handle {protocol}"
         self._host.set_stream_handler(protocol, self._guarded(members_only))
