@@ -66,3 +66,26 @@ def mesh_of(
             if node.process.poll() is None:
                 node.process.kill()
                 node.process.wait(10)
+
+
+def deployed_everywhere(nodes: list[NodeProcess], deployment: str) -> None:
+    def seen() -> bool:
+        for node in nodes:
+            with node.client() as client:
+                found = [d for d in client.deployments() if d["model"] == "minilm"]
+            if not found or found[0]["deployment"] != deployment:
+                return False
+        return True
+
+    wait_until(seen, 15, f"{deployment} visible on every node")
+
+
+@contextmanager
+def serving_minilm(root: Path) -> Iterator[list[NodeProcess]]:
+    """Two nodes serving MiniLM in two stages; the attacks aim at the second."""
+    with mesh_of(root, 2, None, "--max-tensor-mb", "1") as nodes:
+        formed(nodes)
+        with nodes[0].client() as client:
+            deployment = client.deploy("minilm", shards=2)
+        deployed_everywhere(nodes, deployment["deployment"])
+        yield nodes

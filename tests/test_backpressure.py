@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 from conftest import NodeProcess, minilm_inputs
-from mesh_helpers import formed, identity, mesh_of
+from mesh_helpers import deployed_everywhere, formed, identity, mesh_of
 from salala.mesh import FrameBudget
-from test_sharded import deployed_everywhere, reference
+from test_sharded import reference
 
 
 async def test_a_budget_admits_by_bytes_in_total_and_per_peer() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import minilm_inputs, start_node
-from mesh_helpers import formed, identity
+from mesh_helpers import deployed_everywhere, formed, identity
 from salala.mesh import MeshKey
-from test_sharded import deployed_everywhere, reference
+from test_sharded import reference
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from conftest import NodeProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from member_attacks import Member, member_of, rss
-from mesh_helpers import identity
+from mesh_helpers import identity, serving_minilm
 from salala.mesh.inference._deploy import PROTOCOL as DEPLOY
 from salala.mesh.inference._headers import HOST_REQUEST, INFER_FRAME
 from salala.mesh.inference._serving import PROTOCOL as INFER
@@ -34,7 +34,7 @@ from salala.mesh.training._headers import TRAIN_FRAME
 from salala.mesh.training._server import PROTOCOL as TRAIN
 from salala.mesh.wire import FETCH_PROTOCOL, Check, SchemaError, validate
 from salala.mesh.wire._transfer import FETCH_REQUEST
-from test_hostile_members import serving_minilm, setup_header
+from test_hostile_members import setup_header
 from test_sharded import still_serving
 
 pytestmark = pytest.mark.slow

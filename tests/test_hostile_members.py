@@ -4,7 +4,6 @@ answering correctly. Each test is an attack that crashed or fooled a node before
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +14,16 @@ import trio
 from conftest import NodeProcess, minilm_inputs
 from libp2p.abc import INetStream
 from member_attacks import member_of, rss, sha256_of
-from mesh_helpers import formed, identity, mesh_of
+from mesh_helpers import formed, identity, serving_minilm
 from salala.mesh.inference._deploy import PROTOCOL as DEPLOY
 from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.training._server import PROTOCOL as TRAIN
 from salala.mesh.wire import FETCH_PROTOCOL, write_message
-from test_sharded import deployed_everywhere, still_serving
+from test_sharded import still_serving
 
 pytestmark = pytest.mark.slow
 
 RSS_GROWTH_LIMIT = 64 << 20
-
-
-@contextmanager
-def serving_minilm(root: Path) -> Iterator[list[NodeProcess]]:
-    """Two nodes serving MiniLM in two stages; the attacks aim at the second."""
-    with mesh_of(root, 2, None, "--max-tensor-mb", "1") as nodes:
-        formed(nodes)
-        with nodes[0].client() as client:
-            deployment = client.deploy("minilm", shards=2)
-        deployed_everywhere(nodes, deployment["deployment"])
-        yield nodes
 
 
 @pytest.fixture(scope="module")

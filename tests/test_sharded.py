@@ -4,6 +4,7 @@ import hashlib
 import json
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import onnxruntime as ort
 import pytest
 import trio
 from conftest import NodeProcess, minilm_inputs, minilm_path, start_node
-from mesh_helpers import formed, identity, mesh_of, peer_ids, wait_until
+from mesh_helpers import (
+    deployed_everywhere,
+    formed,
+    identity,
+    mesh_of,
+    peer_ids,
+    serving_minilm,
+    wait_until,
+)
 from salala.mesh import MeshKey
 from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.membership import _auth
@@ -24,18 +33,6 @@ pytestmark = pytest.mark.slow
 def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(minilm_path()), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
-
-
-def deployed_everywhere(nodes: list[NodeProcess], deployment: str) -> None:
-    def seen() -> bool:
-        for node in nodes:
-            with node.client() as client:
-                found = [d for d in client.deployments() if d["model"] == "minilm"]
-            if not found or found[0]["deployment"] != deployment:
-                return False
-        return True
-
-    wait_until(seen, 15, f"{deployment} visible on every node")
 
 
 def test_sharded_output_equals_the_whole_model_for_2_3_and_4_shards(tmp_path: Path) -> None:
@@ -117,13 +114,8 @@ def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("bad-requests")
-    with mesh_of(root, 2, None, "--max-tensor-mb", "1") as nodes:
-        formed(nodes)
-        with nodes[0].client() as client:
-            deployment = client.deploy("minilm", shards=2)
-        deployed_everywhere(nodes, deployment["deployment"])
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[NodeProcess]]:
+    with serving_minilm(tmp_path_factory.mktemp("bad-requests")) as nodes:
         yield nodes
 
 
