@@ -246,4 +246,6 @@ def test_the_cli_shows_the_mesh(tmp_path: Path) -> None:
             frames = [json.loads(watch.stdout.readline()) for _ in range(3)]
             assert all(len(frame) == 3 for frame in frames)
             watch.send_signal(signal.SIGINT)
-            assert watch.wait(10) == 0
+            # drain what it printed meanwhile: a full pipe would block its exit's flush
+            watch.communicate(timeout=10)
+            assert watch.returncode == 0
