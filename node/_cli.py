@@ -2,6 +2,7 @@
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -397,6 +398,10 @@ def mesh_watch(
 ) -> None:
     """A live view of the mesh until Ctrl-C (`--json`: one JSON line per refresh)."""
     from rich.live import Live
+
+    # Ctrl-C ends the watch even when started from a shell that ignores SIGINT for
+    # background jobs (Python would then inherit the ignore and never stop).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     with connect(data_dir) as node:
         try:

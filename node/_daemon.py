@@ -84,9 +84,7 @@ def _register_builtins(store: models.ModelStore) -> None:
 
 def _open_store(config: NodeConfig) -> models.ModelStore:
     store = models.ModelStore(config.data_dir.store)
-    store.max_bytes = config.max_store_bytes or models.default_quota(
-        store.root, store.used_bytes()
-    )
+    store.max_bytes = config.max_store_bytes or models.default_quota(store.root, store.used_bytes())
     return store
 
 
