@@ -89,7 +89,7 @@ async def member_of(
         async def take_replies(stream: INetStream) -> None:
             try:
                 while True:
-                    header = await read_header(stream, INFER_FRAME, 60)
+                    header, _ = await read_header(stream, INFER_FRAME, 60)
                     member.refusals.append(header)
             except Exception:  # the node closed the stream: nothing more to record
                 pass

@@ -72,6 +72,7 @@ SURFACES = {
         "payload_size",
         "read_header",
         "read_payload",
+        "read_leased_payload",
         "skip_payload",
         "write_frame",
         "LinkError",

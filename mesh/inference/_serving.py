@@ -37,9 +37,8 @@ from ..wire import (
     SchemaError,
     encode_frame,
     frame_timeout,
-    payload_size,
     read_header,
-    read_payload,
+    read_leased_payload,
     skip_payload,
     validate,
 )
@@ -239,11 +238,10 @@ class StageServer:
         a bad one is refused to its requester (if it names one), and the stream reset."""
         while True:
             try:
-                header = await read_header(stream, INFER_FRAME, IDLE_TIMEOUT_S)
+                header, size = await read_header(stream, INFER_FRAME, IDLE_TIMEOUT_S)
             except SchemaError as exc:
                 await self._refuse_unreadable(exc)
                 raise
-            size = payload_size(header)
             if size > self.max_payload:
                 if header["kind"] == "infer":  # results and refusals are ours to receive
                     await self._refuse(
@@ -258,9 +256,9 @@ class StageServer:
                 continue
             # Wait for room in the node's budget before reading the payload: a sender
             # whose frames we cannot hold yet is slowed down, never mistaken for dead.
-            lease: Lease | None = await self.budget.lease(peer_id, size)
+            tensors, held = await read_leased_payload(stream, header, size, self.budget, peer_id)
+            lease: Lease | None = held
             try:
-                tensors = await read_payload(stream, header, frame_timeout(size))
                 if header["kind"] == "infer":
                     await self._jobs_send.send((header, tensors, lease))
                     lease = None  # the worker releases it once the stage has run

@@ -45,10 +45,8 @@ from ..wire import (
     LinkError,
     Links,
     encode_frame,
-    frame_timeout,
-    payload_size,
     read_header,
-    read_payload,
+    read_leased_payload,
 )
 from ._headers import TRAIN_FRAME
 from ._stage import StageWork, split_snapshot
@@ -133,16 +131,14 @@ class TrainServer:
         before anything reads it; a bad one resets the stream (the guard in ``Mesh``
         answers with the field at fault)."""
         while True:
-            header = await read_header(stream, TRAIN_FRAME, IDLE_TIMEOUT_S)
-            size = payload_size(header)
+            header, size = await read_header(stream, TRAIN_FRAME, IDLE_TIMEOUT_S)
             if size > self.max_payload:
                 raise WireError(
                     f"a training frame of {size} bytes exceeds this node's limit of "
                     f"{self.max_payload}"
                 )
-            lease = await self.budget.lease(peer_id, size)
+            tensors, lease = await read_leased_payload(stream, header, size, self.budget, peer_id)
             try:
-                tensors = await read_payload(stream, header, frame_timeout(size))
                 await self._accept(header, tensors, lease)
             except BaseException:
                 lease.release()

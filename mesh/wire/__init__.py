@@ -12,6 +12,7 @@ from ._frames import encode_frame as encode_frame
 from ._frames import frame_timeout as frame_timeout
 from ._frames import payload_size as payload_size
 from ._frames import read_header as read_header
+from ._frames import read_leased_payload as read_leased_payload
 from ._frames import read_payload as read_payload
 from ._frames import skip_payload as skip_payload
 from ._frames import write_frame as write_frame

@@ -18,6 +18,7 @@ from libp2p.abc import INetStream
 
 from .._errors import WireError
 from . import _codecs
+from ._budget import FrameBudget, Lease
 from ._messages import HEADER, read_exactly, read_some, write_all
 from ._schema import Check, SchemaError, validate
 
@@ -60,7 +61,9 @@ async def write_frame(
                 await write_all(stream, view[start : start + CHUNK])
 
 
-async def read_header(stream: INetStream, schema: Check, idle_timeout: float) -> dict[str, Any]:
+async def read_header(
+    stream: INetStream, schema: Check, idle_timeout: float
+) -> tuple[dict[str, Any], int]:
     """Wait (up to ``idle_timeout``) for the next frame; its header as ``schema`` admits it,
     with part sizes checked against shapes (SchemaError names a bad field)."""
     with trio.fail_after(idle_timeout):
@@ -74,8 +77,7 @@ async def read_header(stream: INetStream, schema: Check, idle_timeout: float) ->
     except Exception as exc:  # msgpack's zoo of errors
         raise WireError(f"frame header is not msgpack: {exc}") from exc
     header = validate(header, schema)
-    payload_size(header)  # sizes must match shapes before anyone reads the payload
-    return header
+    return header, payload_size(header)  # sizes match shapes before anyone reads on
 
 
 def payload_size(header: dict[str, Any]) -> int:
@@ -114,6 +116,20 @@ async def read_payload(
             except _codecs.CodecError as exc:
                 raise WireError(f"tensor {tensor['name']!r}: {exc}") from exc
     return tensors
+
+
+async def read_leased_payload(
+    stream: INetStream, header: dict[str, Any], size: int, budget: FrameBudget, peer_id: str
+) -> tuple[dict[str, np.ndarray], Lease]:
+    """Wait for room for ``size`` bytes in ``budget`` (and ``peer_id``'s share of it), then
+    read the payload. The lease is the caller's to release once the frame's work is done;
+    if reading fails it is released here."""
+    lease = await budget.lease(peer_id, size)
+    try:
+        return await read_payload(stream, header, frame_timeout(size)), lease
+    except BaseException:
+        lease.release()
+        raise
 
 
 async def skip_payload(stream: INetStream, size: int, timeout: float) -> None:
