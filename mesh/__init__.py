@@ -11,12 +11,17 @@ from ._errors import ListenAddressError as ListenAddressError
 from ._errors import MeshError as MeshError
 from ._errors import WireError as WireError
 from ._peerid import short_id as short_id
+from .inference import DEFAULT_KV_BUDGET as DEFAULT_KV_BUDGET
+from .inference import BadTokenError as BadTokenError
+from .inference import ContextLengthError as ContextLengthError
 from .inference import DeployError as DeployError
 from .inference import Inference as Inference
 from .inference import NoRouteError as NoRouteError
 from .inference import PlacementError as PlacementError
+from .inference import Sampling as Sampling
 from .inference import StageRefusal as StageRefusal
 from .inference import UnknownDeploymentError as UnknownDeploymentError
+from .inference import generate_tokens as generate_tokens
 from .inference import open_inference as open_inference
 from .membership import InterfaceError as InterfaceError
 from .membership import InviteError as InviteError

@@ -30,8 +30,35 @@ REQUEST_ID = text(32, r"[0-9a-f]{32}")
 ATTEMPT = integer(0, MAX_ATTEMPTS - 1)
 STAGE = integer(0, MAX_STAGES - 1)
 # Why a stage refused a request; the router replays the retryable ones elsewhere.
-REFUSALS = ("bad_request", "too_large", "not_hosted", "invalid_input", "unreachable", "internal")
+REFUSALS = (
+    "bad_request",
+    "too_large",
+    "not_hosted",
+    "invalid_input",
+    "unreachable",
+    "internal",
+    "cache_miss",  # a decoder stage holds no cache of the length the step assumes
+    "cache_full",  # a decoder stage has no room for another session's cache
+)
 TRACE = array(row(STAGE, PEER_ID, number(0, 1e9)), MAX_STAGES)
+MAX_CONTEXT = 1 << 20
+# A step of a generation session through a decoder's stages: how many tokens each
+# stage's cache must already hold, and how the last stage samples the next token.
+GEN = where(
+    record(
+        {
+            "sid": text(32, r"[0-9a-f]{32}"),
+            "past": integer(0, MAX_CONTEXT),
+            "step": integer(0, MAX_CONTEXT),
+            "temperature": number(0.0, 2.0),
+            "top_p": number(0.0, 1.0),
+            "top_k": integer(0, 1 << 20),
+            "seed": integer(0, (1 << 63) - 1),
+        }
+    ),
+    lambda g: g["top_p"] > 0.0,
+    "top_p must be above 0",
+)
 
 INFER = where(
     record(
@@ -46,7 +73,8 @@ INFER = where(
             "downstream": array(array(TENSOR_NAME, 256), MAX_STAGES, 1),
             "trace": TRACE,
             "tensors": TENSORS,
-        }
+        },
+        {"gen": GEN},
     ),
     lambda h: h["stage"] < len(h["route"]) == len(h["downstream"]),
     "the stage must lie inside the route, with the inputs of every stage",

@@ -10,12 +10,13 @@ from pathlib import Path
 import trio
 
 from ...models import ModelStore
+from .._errors import MeshError
 from ..membership import Mesh
 from ..wire import FETCH_PROTOCOL, Fetcher, FrameBudget, serve_fetch
-from . import _deploy
+from . import _card, _deploy
 from ._deploy import Deployer
-from ._router import Router
-from ._serving import StageServer
+from ._router import Router, UnknownDeploymentError
+from ._serving import DEFAULT_KV_BUDGET, StageServer
 from ._undeploy import Undeployer
 
 RETIRE_EVERY_S = 2.0  # one membership exchange: a finished redeploy is seen by then
@@ -28,6 +29,35 @@ class Inference:
     deployer: Deployer
     fetcher: Fetcher
     undeployer: Undeployer
+    store: ModelStore
+
+    async def text_side(self, model: str) -> tuple[str, bytes, bytes]:
+        """(first fragment's hash, card bytes, tokenizer bytes) of a deployed language
+        model: from this node's store if it holds a fragment, else from a host."""
+        deployment = self.router.deployments().get(model)
+        if deployment is None:
+            raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
+        fragment = deployment.entries[0].fragment
+        for entry in deployment.entries:
+            local = self.store.object_path(entry.fragment).parent
+            found = _card.read_text_side(local)
+            if found is not None:
+                return fragment, *found
+        failures = []
+        for entry, hosts in zip(deployment.entries, deployment.hosts, strict=True):
+            for peer_id in hosts:
+                try:
+                    return fragment, *await _card.fetch_card(self.mesh, peer_id, entry.fragment)
+                except MeshError as exc:
+                    failures.append(str(exc))
+        raise MeshError(
+            f"{model} has no text side anywhere (is it a language model?): "
+            + ("; ".join(failures[:3]) or "no live host")
+        )
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.server.mesh
 
     def objects_in_use(self) -> set[str]:
         """Store objects inference needs: the fragments of stages hosted here and of every
@@ -47,16 +77,19 @@ async def open_inference(
     budget: FrameBudget,
     max_payload: int,
     undeployed_file: Path | None = None,
+    kv_budget: int = DEFAULT_KV_BUDGET,
 ) -> AsyncIterator[Inference]:
-    """``undeployed_file`` keeps the undeploy markers across restarts."""
+    """``undeployed_file`` keeps the undeploy markers across restarts; ``kv_budget``
+    bounds the bytes of every generation session's caches on this node."""
     fetcher = Fetcher(mesh, store)
-    server = StageServer(mesh, fetcher, threads, compute, budget, max_payload)
+    server = StageServer(mesh, fetcher, threads, compute, budget, max_payload, kv_budget)
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
     router.rehost = deployer.rehost
     undeployer = Undeployer(mesh, server, router, undeployed_file)
     mesh.handle(FETCH_PROTOCOL, partial(serve_fetch, store))
     mesh.handle(_deploy.PROTOCOL, partial(_deploy.serve_deploy, server))
+    mesh.handle(_card.PROTOCOL, partial(_card.serve_card, server.hosted_fragments, store))
 
     async def retire_replaced() -> None:
         while True:
@@ -67,5 +100,5 @@ async def open_inference(
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         nursery.start_soon(retire_replaced)
-        yield Inference(server, router, deployer, fetcher, undeployer)
+        yield Inference(server, router, deployer, fetcher, undeployer, store)
         nursery.cancel_scope.cancel()

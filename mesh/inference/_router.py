@@ -31,7 +31,7 @@ ATTEMPT_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 8
 WATCH_S = 0.2
 ROUTE_WAIT_S = 5.0  # two membership exchanges, plus slack
-RETRYABLE = {"unreachable", "not_hosted", "internal"}
+RETRYABLE = {"unreachable", "not_hosted", "internal", "cache_full"}
 
 
 class NoRouteError(MeshError):
@@ -119,9 +119,15 @@ class Router:
             if all(found.hosts)
         }
 
-    def _route(self, model: str, deployment: Deployment, avoid: set[str]) -> list[str]:
+    def _route(
+        self, model: str, deployment: Deployment, avoid: set[str], prefer: list[str] | None
+    ) -> list[str]:
+        """One live peer per stage; ``prefer`` (a session's route so far) wins where it
+        is still usable, so a generation session keeps finding its caches."""
         route = []
-        for entry, hosts in zip(deployment.entries, deployment.hosts, strict=True):
+        for stage, (entry, hosts) in enumerate(
+            zip(deployment.entries, deployment.hosts, strict=True)
+        ):
             usable = [p for p in hosts if p not in avoid and self.mesh.is_live(p)]
             if not usable:
                 raise NoRouteError(
@@ -129,11 +135,14 @@ class Router:
                     f"(fragment {entry.fragment[:12]})",
                     entry,
                 )
-            route.append(min(usable, key=self._preference))
+            if prefer is not None and stage < len(prefer) and prefer[stage] in usable:
+                route.append(prefer[stage])
+            else:
+                route.append(min(usable, key=self._preference))
         return route
 
     async def _route_soon(
-        self, model: str, deployment: Deployment, avoid: set[str]
+        self, model: str, deployment: Deployment, avoid: set[str], prefer: list[str] | None
     ) -> tuple[Deployment, list[str]]:
         """A route now, or within ROUTE_WAIT_S: a stage just deployed (or a replica that just
         rejoined) reaches this node's table with the next membership exchange."""
@@ -141,7 +150,7 @@ class Router:
         deadline = trio.current_time() + ROUTE_WAIT_S
         while True:
             try:
-                return deployment, self._route(model, deployment, avoid)
+                return deployment, self._route(model, deployment, avoid, prefer)
             except NoRouteError as exc:
                 if trio.current_time() < deadline:
                     await trio.sleep(WATCH_S)
@@ -175,11 +184,21 @@ class Router:
         pending.done.set()
 
     async def infer(
-        self, model: str, inputs: dict[str, np.ndarray]
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        gen: dict[str, Any] | None = None,
+        avoid: set[str] | None = None,
+        prefer: list[str] | None = None,
     ) -> tuple[dict[str, np.ndarray], list[Any]]:
-        """Run ``model`` through its deployment; returns the outputs and the route taken."""
+        """Run ``model`` through its deployment; returns the outputs and the route taken.
+
+        A generation step passes ``gen`` (see ``_headers.GEN``), the peers its session
+        must avoid (``avoid`` grows with each peer that failed) and its route so far.
+        """
         rid = uuid.uuid4().hex
-        avoid: set[str] = set()
+        avoid = set() if avoid is None else avoid
         pending = _Pending()
         self._pending[rid] = pending
         try:
@@ -187,7 +206,7 @@ class Router:
                 deployment = self.deployments().get(model)
                 if deployment is None:
                     raise UnknownDeploymentError(f"no deployment of {model!r} in the mesh")
-                deployment, route = await self._route_soon(model, deployment, avoid)
+                deployment, route = await self._route_soon(model, deployment, avoid, prefer)
                 pending.header = {"attempt": attempt}
                 header = {
                     "kind": "infer",
@@ -200,6 +219,8 @@ class Router:
                     "downstream": [e.inputs for e in deployment.entries],
                     "trace": [],
                 }
+                if gen is not None:
+                    header["gen"] = gen
                 self._in_flight.update(route)
                 try:
                     failed = await self._attempt(pending, header, inputs, route)

@@ -43,8 +43,11 @@ from ..wire import (
     validate,
 )
 from ._clock import DeploymentClock
+from ._decoder import DecoderStage, is_decoder
 from ._headers import ATTEMPT, INFER_FRAME, REQUEST_ID
+from ._kvcache import CacheFull, CacheMiss, KVCache
 from ._placement import MEMORY_FACTOR
+from ._sampling import Sampling
 from ._undeployed import Undeployed
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ MAX_HOSTED = MAX_SERVING
 OUTBOUND_FRAMES = 4  # outputs (of the largest size) a node keeps on the wire at once
 SKIP_AT_MOST = 4  # an oversized frame up to this many times the limit is read and dropped
 DEFAULT_MAX_PAYLOAD = 256 << 20
+DEFAULT_KV_BUDGET = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,10 @@ class StageServer:
         compute: trio.CapacityLimiter,
         budget: FrameBudget,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        kv_budget: int = DEFAULT_KV_BUDGET,
     ) -> None:
         self.mesh = mesh
+        self.kv = KVCache(kv_budget)  # generation sessions' caches, all decoder stages
         self.budget = budget  # inbound frames, shared with training
         self.fetcher = fetcher
         self.threads = threads
@@ -336,16 +342,13 @@ class StageServer:
             )
             return
         session = self._sessions[entry.fragment]
-        feeds = {spec.name: tensors[spec.name] for spec in session.inputs if spec.name in tensors}
         started = time.perf_counter()
-        try:
-            session.check_inputs(feeds)
-            outputs = await trio.to_thread.run_sync(session.run, feeds, limiter=self._compute)
-        except InputMismatchError as exc:
-            await self._refuse(
-                header, "invalid_input", f"stage {entry.stage} of {entry.model}: {exc}"
-            )
-            return
+        if "gen" in header:
+            outputs = await self._decoder_step(header, tensors, entry, session)
+        else:
+            outputs = await self._stateless_step(header, tensors, entry, session)
+        if outputs is None:
+            return  # refused
         self.served[entry.fragment] += 1
         trace = [
             *header["trace"],
@@ -365,6 +368,84 @@ class StageServer:
         carried.update(outputs)
         onward = {**header, "stage": entry.stage + 1, "trace": trace}
         await self._forward(header["route"][entry.stage + 1], onward, carried, entry.codec, header)
+
+    async def _stateless_step(
+        self,
+        header: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        entry: ServingEntry,
+        session: ModelSession,
+    ) -> dict[str, np.ndarray] | None:
+        feeds = {spec.name: tensors[spec.name] for spec in session.inputs if spec.name in tensors}
+        try:
+            session.check_inputs(feeds)
+            return await trio.to_thread.run_sync(session.run, feeds, limiter=self._compute)
+        except InputMismatchError as exc:
+            await self._refuse(
+                header, "invalid_input", f"stage {entry.stage} of {entry.model}: {exc}"
+            )
+            return None
+
+    async def _decoder_step(
+        self,
+        header: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        entry: ServingEntry,
+        session: ModelSession,
+    ) -> dict[str, np.ndarray] | None:
+        """A generation step: this stage's layers over the new tokens, against the
+        session's cache here (see ``_kvcache``); the last stage samples."""
+        gen = header["gen"]
+        where = f"stage {entry.stage} of {entry.model}"
+        mask = tensors.get("attention_mask")
+        if (
+            not is_decoder(session)
+            or mask is None
+            or mask.ndim != 2
+            or mask.shape[0] != 1
+            or not np.all(mask == 1)
+        ):
+            await self._refuse(
+                header,
+                "invalid_input",
+                f"{where}: a generation step needs a decoder stage "
+                "and an attention_mask of ones, of shape [1, past + new tokens]",
+            )
+            return None
+        total = int(mask.shape[1])
+        if total <= gen["past"]:
+            await self._refuse(
+                header,
+                "invalid_input",
+                f"{where}: attention_mask covers {total} tokens, "
+                f"not more than the {gen['past']} already cached",
+            )
+            return None
+        stage = DecoderStage(session)
+        key = (entry.deployment, entry.stage, gen["sid"])
+        try:
+            step = self.kv.begin(key, gen["past"], stage.bytes_per_token * total)
+        except CacheMiss as exc:
+            await self._refuse(header, "cache_miss", f"{where}: {exc}")
+            return None
+        except CacheFull as exc:
+            here = short_id(self.mesh.peer_id)
+            await self._refuse(header, "cache_full", f"{where} on {here}: {exc}")
+            return None
+        sampling = Sampling(gen["temperature"], gen["top_p"], gen["top_k"], gen["seed"])
+        try:
+            outputs, presents = await trio.to_thread.run_sync(
+                stage.run, tensors, step.pasts, sampling, gen["step"], limiter=self._compute
+            )
+        except InputMismatchError as exc:
+            step.abort()
+            await self._refuse(header, "invalid_input", f"{where}: {exc}")
+            return None
+        except BaseException:
+            step.abort()
+            raise
+        step.commit(presents, total)
+        return outputs
 
     async def _forward(
         self,
