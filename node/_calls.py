@@ -29,6 +29,7 @@ class Call(Generic[T]):
     params: dict[str, Any]
     read: Callable[[Any], T]
     on_progress: Callable[[dict[str, Any]], None] | None = None
+    on_event: Callable[[dict[str, Any]], None] | None = None
 
     def request(self, request_id: int) -> bytes:
         return pack_frame({"id": request_id, "method": self.method, "params": self.params})
@@ -39,6 +40,10 @@ class Call(Generic[T]):
         A refusal is raised as the matching error.
         """
         message = unpack_body(body)
+        if "event" in message:
+            if self.on_event is not None:
+                self.on_event(message["event"])
+            return False, None
         if "progress" in message:
             if self.on_progress is not None:
                 self.on_progress(message["progress"])
@@ -89,6 +94,48 @@ def infer_traced(
         {"model": model, "inputs": encode_tensors(inputs)},
         lambda result: (decode_tensors(result["outputs"]), result["route"]),
     )
+
+
+@dataclass
+class Generated:
+    """What a generation returned: its text, why it ended, and the tokens it cost."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def finish(self, result: Any) -> "Generated":
+        if not isinstance(result, dict) or not isinstance(result.get("usage"), dict):
+            raise NodeError("the node's generation result is malformed")
+        self.finish_reason = str(result.get("finish_reason"))
+        self.prompt_tokens = int(result["usage"].get("prompt_tokens", 0))
+        self.completion_tokens = int(result["usage"].get("completion_tokens", 0))
+        return self
+
+
+def generate(
+    model: str,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    options: Mapping[str, Any],
+    on_piece: Callable[[str], None],
+    generated: Generated,
+) -> Call[Generated]:
+    """Pieces go to ``on_piece`` as they arrive; ``generated`` collects the rest."""
+    params = {"model": model, **options}
+    if prompt is not None:
+        params["prompt"] = prompt
+    if messages is not None:
+        params["messages"] = messages
+
+    def on_event(event: dict[str, Any]) -> None:
+        piece = event.get("text")
+        if isinstance(piece, str):
+            generated.text += piece
+            on_piece(piece)
+
+    return Call("generate", params, generated.finish, on_event=on_event)
 
 
 def deploy(

@@ -12,8 +12,9 @@ Both build the same :mod:`._calls`; they differ only in how bytes move.
 import itertools
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from os import PathLike
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,6 +26,91 @@ from ._paths import DataDir, resolve_data_dir
 from ._protocol import HEADER, MAX_FRAME_LIMIT, frame_length
 
 T = TypeVar("T")
+Generated = calls.Generated
+
+
+def _options(
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: str | list[str] | None,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "stop": [stop] if isinstance(stop, str) else list(stop or []),
+    }
+    if seed is not None:
+        options["seed"] = seed
+    return options
+
+
+CallFor = Callable[[Callable[[str], None], calls.Generated], "calls.Call[calls.Generated]"]
+
+
+class GenerationStream(Iterator[str]):
+    """Text pieces as the mesh generates them, on a connection of their own (leaving
+    the loop early closes it, which stops the generation). ``result`` holds the
+    finish reason and token counts once the stream has ended."""
+
+    def __init__(self, client: "Client", call_for: "CallFor") -> None:
+        self.result = calls.Generated()
+        self._client = client
+        self._pending: list[str] = []
+        self._frames = client._frames(call_for(self._pending.append, self.result))
+
+    def __next__(self) -> str:
+        while not self._pending:
+            try:
+                next(self._frames)
+            except StopIteration:
+                self.close()
+                raise
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self._frames.close()
+        self._client.close()
+
+
+class AsyncGenerationStream(AsyncIterator[str]):
+    """The trio face of :class:`GenerationStream`."""
+
+    def __init__(self, socket_path: Path, timeout: float, call_for: "CallFor") -> None:
+        self.result = calls.Generated()
+        self._socket_path = socket_path
+        self._timeout = timeout
+        self._pieces_send, self._pieces = trio.open_memory_channel[str](1 << 16)
+        self._call = call_for(self._pieces_send.send_nowait, self.result)
+        self._client: AsyncClient | None = None
+        self._done = False
+
+    async def __anext__(self) -> str:
+        if self._client is None and not self._done:
+            stream = await trio.open_unix_socket(str(self._socket_path))
+            self._client = AsyncClient(stream, self._timeout, self._socket_path)
+            self._frames = self._client._frames(self._call)
+        while True:
+            try:
+                return self._pieces.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                await self._frames.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        self._done = True
+        if self._client is not None:
+            await self._client.aclose()
 
 CONNECT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 600.0  # a first inference may load a large model
@@ -76,6 +162,55 @@ class Client:
         except (OSError, NodeDisconnectedError) as exc:  # OSError includes socket.timeout
             self.close()
             raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
+
+    def _frames(self, call: calls.Call[T]) -> Iterator[None]:
+        """The I/O of ``_call``, yielding after each frame (for streamed events)."""
+        request_id = next(self._ids)
+        try:
+            self._socket.sendall(call.request(request_id))
+            while True:
+                length = frame_length(self._receive_exactly(HEADER.size), MAX_FRAME_LIMIT)
+                final, _ = call.reply(request_id, self._receive_exactly(length))
+                if final:
+                    return
+                yield
+        except (OSError, NodeDisconnectedError) as exc:
+            self.close()
+            raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        stream: bool = True,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> "GenerationStream | calls.Generated":
+        """Generate text with a language model deployed in the mesh.
+
+        ``stream=True`` (default): an iterator of text pieces as they are generated
+        (its ``result`` has the usage once it ends). ``stream=False``: the whole text
+        and usage. ``messages`` (``[{"role", "content"}]``) use the model's chat
+        template; ``temperature=0`` is greedy; a ``seed`` makes sampling repeatable.
+        """
+        options = _options(max_tokens, temperature, top_p, top_k, seed, stop)
+        if not stream:
+            generated = calls.Generated()
+            return self._call(
+                calls.generate(model, prompt, messages, options, lambda _: None, generated)
+            )
+        return GenerationStream(
+            Client(self.data_dir, self.timeout),
+            lambda on_piece, generated: calls.generate(
+                model, prompt, messages, options, on_piece, generated
+            ),
+        )
 
     def status(self) -> dict[str, Any]:
         return self._call(calls.status())
@@ -153,9 +288,15 @@ class Client:
 class AsyncClient:
     """A trio connection to the local node. Calls from several tasks take turns."""
 
-    def __init__(self, stream: trio.SocketStream, timeout: float = CALL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        timeout: float = CALL_TIMEOUT_S,
+        socket_path: Path | None = None,
+    ) -> None:
         self._stream = stream
         self.timeout = timeout
+        self._socket_path = socket_path  # streams open connections of their own
         self._ids = itertools.count(1)
         self._turn = trio.Lock()
 
@@ -191,6 +332,56 @@ class AsyncClient:
             ) as exc:
                 await self._stream.aclose()
                 raise NodeDisconnectedError(f"lost the node during {call.method}: {exc!r}") from exc
+
+    async def _frames(self, call: calls.Call[T]) -> AsyncIterator[None]:
+        """The I/O of ``_call``, yielding after each frame (for streamed events); the
+        connection is this stream's own, so no turn is taken."""
+        request_id = next(self._ids)
+        try:
+            await self._stream.send_all(call.request(request_id))
+            while True:
+                with trio.fail_after(self.timeout):
+                    header = await self._receive_exactly(HEADER.size)
+                    body = await self._receive_exactly(frame_length(header, MAX_FRAME_LIMIT))
+                final, _ = call.reply(request_id, body)
+                if final:
+                    return
+                yield
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+            await self._stream.aclose()
+            raise NodeDisconnectedError(f"lost the node during {call.method}: {exc!r}") from exc
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        stream: bool = True,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> "AsyncGenerationStream | Awaitable[calls.Generated]":
+        """``async for piece in node.generate(...)``, or
+        ``await node.generate(..., stream=False)``; see :meth:`Client.generate`."""
+        options = _options(max_tokens, temperature, top_p, top_k, seed, stop)
+        if not stream:
+            generated = calls.Generated()
+            return self._call(
+                calls.generate(model, prompt, messages, options, lambda _: None, generated)
+            )
+        if self._socket_path is None:
+            raise NodeDisconnectedError("this client was not opened by connect_async()")
+        return AsyncGenerationStream(
+            self._socket_path,
+            self.timeout,
+            lambda on_piece, generated: calls.generate(
+                model, prompt, messages, options, on_piece, generated
+            ),
+        )
 
     async def status(self) -> dict[str, Any]:
         return await self._call(calls.status())
@@ -276,4 +467,4 @@ async def connect_async(
             stream = await trio.open_unix_socket(str(resolved.socket))
     except (OSError, trio.TooSlowError) as exc:
         raise _not_running(resolved, exc) from exc
-    return AsyncClient(stream, timeout)
+    return AsyncClient(stream, timeout, resolved.socket)

@@ -7,7 +7,7 @@ mid-request only ends its own connection. Every read and write has a deadline.
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,10 @@ def _error_reply(request_id: Any, error: SalalaError) -> dict[str, Any]:
 
 
 async def _dispatch(
-    service: NodeService, body: bytes, progress: Callable[[dict[str, Any]], None]
+    service: NodeService,
+    body: bytes,
+    progress: Callable[[dict[str, Any]], None],
+    emit: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> dict[str, Any]:
     request_id = None
     try:
@@ -57,11 +60,15 @@ async def _dispatch(
             raise BadRequestError(f"unknown method {method!r}; known: {sorted(service.methods)}")
         if not isinstance(params, dict):
             raise BadRequestError("params must be a map")
-        if method in service.reports_progress:
+        if method in service.streams:
+            result = await handler(params, emit)
+        elif method in service.reports_progress:
             result = await handler(params, progress)
         else:
             result = await handler(params)
         return {"id": request_id, "ok": True, "result": result}
+    except _ClientGone:
+        raise  # a streamed event found the client gone: end the connection, not a bug
     except SalalaError as exc:
         return _error_reply(request_id, exc)
     except Exception as exc:
@@ -89,10 +96,19 @@ async def _dispatch_with_progress(
             with trio.fail_after(TRANSFER_TIMEOUT_S):
                 await stream.send_all(pack_frame({"id": None, "progress": event}))
 
+    async def emit(event: dict[str, Any]) -> None:
+        """A streamed event (a generated piece): never dropped, so it waits for the
+        client, which slows the generation down to the client's pace."""
+        try:
+            with trio.fail_after(TRANSFER_TIMEOUT_S):
+                await stream.send_all(pack_frame({"id": None, "event": event}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            raise _ClientGone from exc
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump)
         async with send:
-            reply = await _dispatch(service, body, progress)
+            reply = await _dispatch(service, body, progress, emit)
     return reply
 
 

@@ -38,6 +38,8 @@ from ._errors import (
     TrainingFailedError,
     UnknownModelError,
 )
+from ._generation import ChatMessage, Finished, GenerationRequest
+from ._llm import MeshGenerator
 from ._paths import DataDir
 from ._protocol import decode_tensors, encode_tensors
 
@@ -74,6 +76,50 @@ def _param(params: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def generation_request(params: dict[str, Any]) -> GenerationRequest:
+    """A local caller's generation parameters, checked (bounds as OpenAI's)."""
+    prompt, messages = params.get("prompt"), params.get("messages")
+    if (prompt is None) == (messages is None):
+        raise BadRequestError("give exactly one of prompt and messages")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequestError("prompt must be a string")
+    chat = None
+    if messages is not None:
+        checked = models.check_messages(messages)
+        chat = [ChatMessage(m["role"], m["content"]) for m in checked]  # type: ignore[arg-type]
+    max_tokens = _param(params, "max_tokens", int)
+    temperature = params.get("temperature", 1.0)
+    top_p = params.get("top_p", 1.0)
+    top_k = params.get("top_k", 0)
+    seed = params.get("seed")
+    stop = params.get("stop", [])
+    if max_tokens < 1:
+        raise BadRequestError(f"max_tokens must be at least 1, not {max_tokens}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise BadRequestError(f"temperature must lie in [0, 2], not {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise BadRequestError(f"top_p must lie in (0, 1], not {top_p!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise BadRequestError(f"top_k must be a whole number >= 0, not {top_k!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+        raise BadRequestError(f"seed must be a whole number in [0, 2^63), not {seed!r}")
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise BadRequestError("stop must be a string or a list of up to 4 strings")
+    return GenerationRequest(
+        model=_param(params, "model", str),
+        prompt=prompt,
+        messages=chat,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+    )
+
+
 class NodeService:
     """The node's request handlers. Owned by the daemon, shared by all API connections."""
 
@@ -104,13 +150,16 @@ class NodeService:
         self._sessions: dict[str, runtime.ModelSession] = {}
         self._loading = trio.Lock()
         self._compute = compute
+        self.generator = MeshGenerator(inference)
         self.reports_progress = {"deploy", "train"}
+        self.streams = {"generate"}  # handlers that emit events before their result
         self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "status": self.status,
             "models": self.list_models,
             "add_model": self.add_model,
             "split_model": self.split_model,
             "infer": self.infer,
+            "generate": self.generate,
             "peers": self.peers,
             "deploy": self.deploy,
             "deployments": self.deployments,
@@ -192,6 +241,24 @@ class NodeService:
         session.check_inputs(inputs)  # refuse cheaply before waiting for a compute slot
         outputs = await trio.to_thread.run_sync(session.run, inputs, limiter=self._compute)
         return {"outputs": encode_tensors(outputs), "route": []}
+
+    async def generate(
+        self, params: dict[str, Any], emit: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> dict[str, Any]:
+        """Stream ``{"text": piece}`` events, then return the finish reason and usage."""
+        request = generation_request(params)
+        async for event in self.generator.generate(request):
+            if isinstance(event, Finished):
+                usage = event.usage
+                return {
+                    "finish_reason": event.finish_reason,
+                    "usage": {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                    },
+                }
+            await emit({"text": event.text})
+        raise BadRequestError("generation ended without finishing")
 
     async def deploy(
         self, params: dict[str, Any], progress: Callable[[dict[str, Any]], None]

@@ -13,7 +13,7 @@ token, and greedy or seeded text equals an undisturbed run's.
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ async def generate_tokens(
     vocab_size: int,
     sampling: Sampling,
     stop_tokens: Collection[int],
-) -> AsyncIterator[int]:
+) -> AsyncGenerator[int, None]:
     """Yield generated token ids, ending after a stop token or ``max_tokens``."""
     if not prompt:
         raise ContextLengthError("the prompt is empty")
