@@ -430,6 +430,9 @@ async def serve_http(
     config.h11_max_incomplete_size = 16 << 10  # request line and headers
     app = HttpApi(backend, settings)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, app, config)  # type: ignore[arg-type]
+        try:
+            binds = await nursery.start(serve, app, config)  # type: ignore[arg-type]
+        except OSError as exc:  # the port is taken, or the address is not this device's
+            raise ConfigError(f"--http {config.bind[0]}: {exc.strerror or exc}") from exc
         log.info("HTTP API on %s", ", ".join(binds))
         task_status.started(binds[0])
