@@ -120,7 +120,7 @@ def api_error(exc: Exception) -> ApiError:
     if isinstance(exc, UnknownModelError):
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ContextLengthError):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+        return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, NoRouteError | CannotDeployError):
         return ApiError(503, str(exc), kind="server_error", code=exc.code)
     if isinstance(exc, RequestError):

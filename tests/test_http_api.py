@@ -418,7 +418,15 @@ async def test_the_openai_client_raises_its_own_errors() -> None:
             )
         with pytest.raises(openai.BadRequestError) as too_long:
             await in_thread(client(url).completions.create, model="smol", prompt="too long")
+        with pytest.raises(openai.BadRequestError) as too_hot:
+            await in_thread(
+                client(url).chat.completions.create,
+                model="smol",
+                messages=CHAT["messages"],
+                temperature=3,
+            )
     assert missing.value.code == "model_not_found"
+    assert (too_hot.value.code, too_hot.value.param) == ("invalid_value", "temperature")
     assert too_long.value.code == "context_length_exceeded"
 
 
