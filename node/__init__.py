@@ -13,6 +13,7 @@ from ._errors import BadRequestError as BadRequestError
 from ._errors import CannotDeployError as CannotDeployError
 from ._errors import CannotSplitError as CannotSplitError
 from ._errors import ConfigError as ConfigError
+from ._errors import ContextLengthError as ContextLengthError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import InvalidJobError as InvalidJobError
 from ._errors import InvalidModelError as InvalidModelError

@@ -104,6 +104,22 @@ def node_start(
             "under it [default: what it holds plus half the disk's free space at start]."
         ),
     ] = None,
+    http: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--http",
+            metavar="HOST:PORT",
+            help="Serve the OpenAI-compatible API here (loopback unless a key is set).",
+        ),
+    ] = None,
+    http_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--http-key",
+            envvar="SALALA_HTTP_KEY",
+            help="API key clients send as 'Authorization: Bearer KEY'; needed beyond loopback.",
+        ),
+    ] = None,
 ) -> None:
     """Run this device's node in the foreground (Ctrl-C stops it)."""
     import trio
@@ -112,6 +128,7 @@ def node_start(
     from ..models import GB
     from ._config import check_store_gb, load_file_config, resolve_mesh_key
     from ._daemon import DEFAULT_LISTEN, NodeConfig, run_node
+    from ._http import HttpSettings
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("salala").setLevel(logging.INFO)
@@ -127,6 +144,8 @@ def node_start(
             raise ConfigError(f"--join: {exc}") from exc
         given_key, peers = str(join_key), [*peers, *join_peers]
     store_gb = check_store_gb(max_store_gb) or file_config.max_store_gb
+    http_listen = http or file_config.http.get("listen")
+    http_key = http_key or file_config.http.get("key")
     config = NodeConfig(
         data_dir=resolved,
         mesh_key=resolve_mesh_key(resolved, given_key, file_config.mesh_key),
@@ -138,13 +157,14 @@ def node_start(
         max_request_bytes=max_request_mb << 20,
         max_tensor_bytes=max_tensor_mb << 20,
         max_store_bytes=None if store_gb is None else max(1, int(store_gb * GB)),
+        http=HttpSettings.parse(http_listen, http_key) if http_listen else None,
     )
     try:
         trio.run(run_node, config)
     except MeshError as exc:  # bad listen address, interface or peer address
         raise ConfigError(str(exc)) from exc
-    except BaseExceptionGroup as group:  # the same, raised by a task that was starting
-        refusals, others = group.split(MeshError)
+    except BaseExceptionGroup as group:  # the same, or a taken --http port, from a task
+        refusals, others = group.split((MeshError, ConfigError))
         if refusals is None or others is not None:
             raise
         raise ConfigError("; ".join(str(e) for e in _leaves(refusals))) from group

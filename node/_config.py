@@ -11,6 +11,10 @@ wrong types are refused with the key's name rather than ignored:
     max_store_gb = 20          # the model store's quota [default: what it holds plus
                                # half the disk's free space at start]
 
+    [http]                     # the OpenAI-compatible API (off without `listen`)
+    listen = "127.0.0.1:8000"
+    key = "…"                  # required for a non-loopback listen address
+
 The mesh key a node last used is kept in ``mesh.key`` (mode 0600), so a device that
 joined a mesh stays in it across restarts; a node given no key starts a mesh of its own.
 """
@@ -39,6 +43,10 @@ class FileConfig:
     interfaces: list[str] = field(default_factory=list)
     mdns: bool | None = None
     max_store_gb: float | None = None
+    http: dict[str, str] = field(default_factory=dict)  # listen, key
+
+
+HTTP_KEYS = ("listen", "key")
 
 
 def load_file_config(data_dir: DataDir) -> FileConfig:
@@ -56,6 +64,7 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
         "interfaces": list,
         "mdns": bool,
         "max_store_gb": float,
+        "http": dict,
     }
     if isinstance(raw.get("max_store_gb"), int) and not isinstance(raw["max_store_gb"], bool):
         raw["max_store_gb"] = float(raw["max_store_gb"])
@@ -66,6 +75,9 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
         if not isinstance(value, kinds[key]) or (kinds[key] is list and not strings):
             what = "list of strings" if kinds[key] is list else kinds[key].__name__
             raise ConfigError(f"{path}: {key!r} must be a {what}")
+    for key, value in raw.get("http", {}).items():
+        if key not in HTTP_KEYS or not isinstance(value, str):
+            raise ConfigError(f"{path}: [http] takes only strings {', '.join(HTTP_KEYS)}")
     try:
         check_store_gb(raw.get("max_store_gb"))
     except ConfigError as exc:

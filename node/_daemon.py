@@ -26,7 +26,9 @@ from ..mesh import (
     open_training,
     short_id,
 )
+from ._backend import NodeBackend
 from ._errors import NodeAlreadyRunningError
+from ._http import HttpSettings, serve_http
 from ._identity import load_or_create_identity
 from ._paths import DataDir
 from ._server import serve_api
@@ -53,6 +55,7 @@ class NodeConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     max_store_bytes: int | None = None  # None: what the store holds + half the free disk
+    http: HttpSettings | None = None  # the OpenAI-compatible API, off unless asked for
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -194,6 +197,8 @@ async def run_node(
         )
         nursery.start_soon(_stop_on_signal, service)
         await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)
+        if config.http is not None:
+            await nursery.start(serve_http, config.http, NodeBackend(service))
         log.info(
             "node %s ready (pid %d) in mesh %s: api %s, listening on %s, store quota %.3f GB",
             short_id(mesh.peer_id),

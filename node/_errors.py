@@ -7,6 +7,7 @@
     ├── NodeDisconnectedError     the node closed the connection or stopped answering
     ├── RequestError              the node refused the request (the node is fine)
     │   ├── UnknownModelError     no model by that name
+    │   ├── ContextLengthError    a prompt longer than the model's context
     │   ├── InvalidInputError     wrong input names, dtypes or shapes
     │   ├── InvalidModelError     the file is not a valid, self-contained ONNX model
     │   ├── CannotSplitError      too few cut points for the parts asked for
@@ -51,6 +52,12 @@ class RequestError(SalalaError):
 
 class UnknownModelError(RequestError, LookupError):
     code = "unknown_model"
+
+
+class ContextLengthError(RequestError, ValueError):
+    """The prompt (plus the tokens asked for) does not fit the model's context length."""
+
+    code = "context_length_exceeded"
 
 
 class InvalidInputError(RequestError, ValueError):
@@ -99,6 +106,7 @@ ERRORS_BY_CODE: dict[str, type[SalalaError]] = {
     cls.code: cls
     for cls in (
         UnknownModelError,
+        ContextLengthError,
         InvalidInputError,
         InvalidModelError,
         CannotSplitError,

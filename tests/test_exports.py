@@ -18,6 +18,7 @@ SURFACES = {
         "NodeDisconnectedError",
         "RequestError",
         "UnknownModelError",
+        "ContextLengthError",
         "InvalidInputError",
         "InvalidModelError",
         "CannotSplitError",
