@@ -1,19 +1,23 @@
 """The node's :class:`~._generation.GenerationBackend`, behind its HTTP API.
 
-Generation across the mesh is being wired in (issue 10); until then this backend lists
-the stored models and refuses to generate or embed with a clear error, so
-``--http`` already serves, authenticates and validates.
+Language models are the mesh's deployments of kind ``causal-lm`` (generation runs
+through :class:`~._llm.MeshGenerator`, like ``node.generate``). Embeddings use the same
+path as ``node.infer``: the mesh's deployment of the model if there is one, else the
+stored model on this node, with MiniLM's tokenizer and mean pooling.
 """
 
 from collections.abc import AsyncGenerator
 
+import numpy as np
 import trio
 
-from ._errors import NodeError
-from ._generation import Embeddings, GenerationEvent, GenerationRequest, ModelInfo
+from .. import models
+from ._errors import BadRequestError, UnknownModelError
+from ._generation import EMBEDDING, Embeddings, GenerationEvent, GenerationRequest, ModelInfo
+from ._protocol import decode_tensors, encode_tensors
 from ._service import NodeService
 
-NOT_YET = "this node cannot generate text or embeddings over HTTP yet"
+MAX_TEXTS = 256
 
 
 class NodeBackend:
@@ -21,11 +25,27 @@ class NodeBackend:
         self.service = service
 
     async def models(self) -> list[ModelInfo]:
+        listed = {info.name: info for info in await self.service.generator.models()}
         stored = await trio.to_thread.run_sync(self.service.store.list)
-        return [ModelInfo(model.name, "onnx") for model in stored]
+        for model in stored:
+            if model.name not in listed and models.llm_card(model) is None:
+                kind = EMBEDDING if model.name == models.DEFAULT_MODEL else "onnx"
+                listed[model.name] = ModelInfo(model.name, kind)
+        if models.DEFAULT_MODEL in listed:
+            listed[models.DEFAULT_MODEL] = ModelInfo(models.DEFAULT_MODEL, EMBEDDING)
+        return sorted(listed.values(), key=lambda info: info.name)
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        raise NodeError(NOT_YET)
+        return self.service.generator.generate(request)
 
     async def embed(self, model: str, texts: list[str]) -> Embeddings:
-        raise NodeError(NOT_YET)
+        if model != models.DEFAULT_MODEL:
+            raise UnknownModelError(f"{model!r} is not an embedding model this node knows")
+        if not 1 <= len(texts) <= MAX_TEXTS:
+            raise BadRequestError(f"embed 1 to {MAX_TEXTS} texts at a time")
+        inputs = await trio.to_thread.run_sync(models.encode_texts, texts)
+        result = await self.service.infer({"model": model, "inputs": encode_tensors(inputs)})
+        hidden = decode_tensors(result["outputs"])["last_hidden_state"]
+        mask = inputs["attention_mask"]
+        vectors = models.sentence_embeddings(hidden, mask).astype(np.float32)
+        return Embeddings(vectors, int(mask.sum()))
