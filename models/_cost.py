@@ -9,6 +9,7 @@ import math
 
 import onnx
 
+from ._contrib import contrib_flops
 from ._graph import Shape
 
 _MATMULS = {"MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul"}
@@ -27,6 +28,9 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, Shape]) -> int:
     out = _numel(shapes.get(node.output[0])) if node.output else None
     if out is None:
         return 0
+    fused = contrib_flops(node, shapes)
+    if fused is not None:
+        return fused
     inputs = [shapes.get(name) for name in node.input]
     if node.op_type in _MATMULS and inputs and inputs[0]:
         return 2 * out * (inputs[0][-1] or 0)

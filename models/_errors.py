@@ -5,7 +5,9 @@ ModelError
 ├── UnknownModelError     no model by that name or hash in the store
 ├── SplitError            the model cannot be cut the way that was asked
 ├── PathEscapeError       a name would place a file outside the folder meant for it
-└── StoreFullError        the store's quota leaves no room, even after evicting what is unused
+├── StoreFullError        the store's quota leaves no room, even after evicting what is unused
+└── LlmImportError        a language model cannot be imported: not a GGUF file or Hugging Face
+                          folder, the ``export`` extra is missing, or the builder failed
 """
 
 
@@ -37,3 +39,7 @@ class StoreFullError(ModelError):
         self.quota = quota
         self.wanted = wanted
         self.free = free
+
+
+class LlmImportError(ModelError, ValueError):
+    """A language model cannot be imported from that source on this machine."""

@@ -4,9 +4,18 @@ Models are kept under the sha256 of their bytes, so two names for the same file 
 storage, a fragment can be fetched from any peer by hash and checked on arrival, and a
 half-written copy can never be mistaken for a good one (objects appear by rename).
 
-    <root>/objects/<sha256>/model.onnx   plus its external-data files, same relative names
+    <root>/objects/<sha256>/model.onnx   plus its external-data files, same relative names,
+                                         and its side files (``SIDE_FILES``) if it has any
     <root>/names.json                    name -> sha256
     <root>/incoming/<sha256>.part        a fetch in progress (or interrupted, to resume)
+
+An object's hash covers every file in its folder, by this exact rule: sha256 over the
+bytes of ``model.onnx``; then, for each external-data file in sorted order, its name
+relative to the folder (POSIX, UTF-8) followed by its bytes; then, for each side file
+present, in the order ``SIDE_FILES`` lists them, its name followed by its bytes. A lone
+``model.onnx`` therefore hashes to the sha256 of its bytes. Side files are what a
+language model needs beside its graph (``llm.json``, its card, and ``tokenizer.json``);
+an object has them only if they lie beside the model file when it is added.
 
 With a quota (``max_bytes``), every write first reserves its size: room is made by
 evicting objects that nothing uses (see ``_quota``), or the write is refused. What is
@@ -30,7 +39,7 @@ from typing import Any
 
 from ._errors import InvalidModelError, UnknownModelError
 from ._quota import plan_eviction
-from ._validate import load_checked
+from ._validate import load_checked, side_files
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -49,10 +58,10 @@ class StoredModel:
         return {"name": self.name, "sha256": self.sha256, "size": self.size, "path": str(self.path)}
 
 
-def _digest(model_file: Path, external: list[Path]) -> str:
-    """sha256 over the model file, then each external file's relative name and bytes."""
+def _digest(model_file: Path, external: list[Path], side: list[Path]) -> str:
+    """sha256 by the rule in this module's docstring (``side`` in SIDE_FILES order)."""
     digest = hashlib.sha256()
-    for file in [model_file, *external]:
+    for file in [model_file, *external, *side]:
         if file is not model_file:
             digest.update(file.relative_to(model_file.parent.resolve()).as_posix().encode())
         with file.open("rb") as stream:
@@ -241,24 +250,25 @@ class ModelStore:
     # ---- adding ----------------------------------------------------------------------
 
     def add_object(self, path: Path, *, move: bool = False) -> tuple[str, int]:
-        """Copy a checked model (and its external data) in; return its hash and size.
+        """Copy a checked model (its external data, its side files) in; return hash and size.
 
         ``move`` takes the files instead of copying them: they are already inside the
         store (a finished fetch), and the fetch's reservation already counts them.
         """
         path = Path(path)
         _, external = load_checked(path)
-        sha256 = _digest(path.resolve(), external)
+        side = side_files(path, external)
+        sha256 = _digest(path.resolve(), external, side)
         final = self._objects / sha256
         if not final.is_dir():
-            size = sum(f.stat().st_size for f in [path, *external])
+            size = sum(f.stat().st_size for f in [path, *external, *side])
             with self._room_for(0 if move else size, f"model {path.name}", sha256):
                 source_root = path.parent.resolve()
                 staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._objects))
                 take = os.replace if move else shutil.copyfile
                 try:
                     take(path, staging / MODEL_FILE)
-                    for file in external:
+                    for file in [*external, *side]:
                         target = staging / file.relative_to(source_root)
                         target.parent.mkdir(parents=True, exist_ok=True)
                         take(file, target)

@@ -5,6 +5,7 @@ carry external-data entries that point at files elsewhere on the machine (a mode
 "loads" /etc/passwd as weights would leak it to every peer that runs it).
 """
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from ._contrib import register_onnxruntime_schemas
 from ._errors import InvalidModelError
+from ._llm_card import CARD_FILE, TOKENIZER_FILE, read_card
+
+# Files an object may hold beside its graph, in the order the store hashes them.
+SIDE_FILES = (CARD_FILE, TOKENIZER_FILE)
+_MAX_TOKENIZER = 64 << 20  # large vocabularies (Llama 3, Qwen) take 10-20 MB
+
+register_onnxruntime_schemas()  # so the checker accepts onnxruntime's RMS norm
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -74,3 +83,32 @@ def load_checked(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{path} fails the ONNX checker: {exc}") from exc
     return model, files
+
+
+def side_files(path: Path, external: list[Path]) -> list[Path]:
+    """The side files beside the model at ``path``, checked, in ``SIDE_FILES`` order.
+
+    A card must be a valid card and a tokenizer a JSON object; neither may double as
+    external data (its bytes would be hashed twice, under two meanings).
+    """
+    root = path.parent.resolve()
+    found = []
+    for name in SIDE_FILES:
+        file = root / name
+        if not file.is_file():
+            continue
+        if file in external:
+            raise InvalidModelError(f"{path}: {name} cannot hold external data")
+        if name == CARD_FILE:
+            read_card(file)
+        elif file.stat().st_size > _MAX_TOKENIZER:
+            raise InvalidModelError(f"{file} is larger than {_MAX_TOKENIZER >> 20} MB")
+        else:
+            try:
+                tokenizer = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise InvalidModelError(f"{file} is not JSON: {exc}") from exc
+            if not isinstance(tokenizer, dict) or "model" not in tokenizer:
+                raise InvalidModelError(f"{file} is not a tokenizers tokenizer.json")
+        found.append(file)
+    return found
