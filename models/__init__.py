@@ -4,6 +4,10 @@ called (the ``export`` extra); nothing else here needs it."""
 
 from ._builtin import DEFAULT_MODEL as DEFAULT_MODEL
 from ._builtin import builtin_models as builtin_models
+from ._chat import ChatTemplateError as ChatTemplateError
+from ._chat import check_messages as check_messages
+from ._chat import render_chat as render_chat
+from ._detokenize import TextStream as TextStream
 from ._digits import Dataset as Dataset
 from ._digits import batch_indices as batch_indices
 from ._digits import digits_mlp as digits_mlp
@@ -21,6 +25,9 @@ from ._fragments import SplitPlan as SplitPlan
 from ._fragments import held_fragments as held_fragments
 from ._fragments import split_stored as split_stored
 from ._fragments import split_stored_at as split_stored_at
+from ._llm_card import LlmCard as LlmCard
+from ._llm_card import llm_card as llm_card
+from ._llm_import import import_llm as import_llm
 from ._paths import inside as inside
 from ._quota import GB as GB
 from ._quota import default_quota as default_quota

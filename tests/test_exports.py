@@ -169,6 +169,13 @@ SURFACES = {
         "make_optimizer",
     },
     "salala.models": {
+        "ChatTemplateError",
+        "check_messages",
+        "render_chat",
+        "TextStream",
+        "LlmCard",
+        "llm_card",
+        "import_llm",
         "ModelStore",
         "StoredModel",
         "split_graph",

@@ -103,7 +103,7 @@ class KVCache:
                 return
         raise CacheFull(
             f"the key/value cache needs {wanted >> 10} KiB more; {free >> 10} KiB of its "
-            f"{self.budget >> 20} MiB budget is free and {len(self._sessions)} sessions are in use"
+            f"{self.budget >> 10} KiB budget is free and {len(self._sessions)} sessions are in use"
         )
 
     def _drop_expired(self, now: float) -> None:
