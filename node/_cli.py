@@ -104,6 +104,15 @@ def node_start(
             "under it [default: what it holds plus half the disk's free space at start]."
         ),
     ] = None,
+    max_memory_mb: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Memory this node lends to stages and their caches [default: what is free]."
+        ),
+    ] = None,
+    kv_cache_mb: Annotated[
+        int, typer.Option(help="Memory for generation sessions' key/value caches.")
+    ] = 1024,
     http: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -158,6 +167,8 @@ def node_start(
         max_tensor_bytes=max_tensor_mb << 20,
         max_store_bytes=None if store_gb is None else max(1, int(store_gb * GB)),
         http=HttpSettings.parse(http_listen, http_key) if http_listen else None,
+        max_memory_bytes=None if max_memory_mb is None else max_memory_mb << 20,
+        kv_cache_bytes=kv_cache_mb << 20,
     )
     try:
         trio.run(run_node, config)
@@ -488,6 +499,103 @@ def run_text(model: str, texts: list[str], data_dir: Path | None, as_json: bool)
     if cosine is not None:
         console.print(f"cosine similarity: [bold]{cosine:.4f}[/]")
     _print_route(route)
+
+
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Stop after this many.")]
+TemperatureOption = Annotated[float, typer.Option(help="0 is greedy; up to 2.")]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopKOption = Annotated[int, typer.Option("--top-k", help="0 turns top-k off.")]
+SeedOption = Annotated[Optional[int], typer.Option(help="Repeatable sampling.")]  # noqa: UP045
+
+
+@app.command("generate")
+def generate(
+    model: str,
+    prompt: str,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = 0.7,
+    top_p: TopPOption = 0.9,
+    top_k: TopKOption = 0,
+    seed: SeedOption = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,  # noqa: UP045
+    chat_template: Annotated[
+        bool, typer.Option("--chat/--raw", help="Wrap the prompt in the chat template.")
+    ] = True,
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate text with a language model deployed in the mesh, streamed as it comes."""
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop,
+    }
+    messages = [{"role": "user", "content": prompt}] if chat_template else None
+    with connect(data_dir) as node:
+        if as_json:
+            result = node.generate(
+                model, None if chat_template else prompt, messages=messages, stream=False, **options
+            )
+            _print_json(vars(result))
+            return
+        pieces = node.generate(
+            model, None if chat_template else prompt, messages=messages, **options
+        )
+        for _ in _stream_chunks(pieces):
+            pass
+
+
+@app.command("chat")
+def chat(
+    model: str,
+    system: Annotated[Optional[str], typer.Option(help="A system message.")] = None,  # noqa: UP045
+    max_tokens: MaxTokensOption = 512,
+    temperature: TemperatureOption = 0.7,
+    top_p: TopPOption = 0.9,
+    seed: SeedOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Chat with a language model deployed in the mesh; Ctrl-D or Ctrl-C leaves."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when the shell ignores it
+    history: list[dict[str, str]] = []
+    if system:
+        history.append({"role": "system", "content": system})
+    console.print(f"[dim]chatting with {model}; Ctrl-D or Ctrl-C leaves[/]")
+    with connect(data_dir) as node:
+        try:
+            while True:
+                try:
+                    line = input("> ")
+                except EOFError:
+                    break
+                if not line.strip():
+                    continue
+                history.append({"role": "user", "content": line})
+                pieces = node.generate(
+                    model,
+                    messages=history,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed,
+                )
+                answer = "".join(_stream_chunks(pieces))
+                history.append({"role": "assistant", "content": answer})
+        except KeyboardInterrupt:
+            pass
+    sys.stdout.write("\n")
+
+
+def _stream_chunks(pieces: Any) -> Any:
+    """Print pieces as they come, and pass them on."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        yield piece
+    sys.stdout.write("\n")
 
 
 @app.command("run")

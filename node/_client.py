@@ -112,6 +112,7 @@ class AsyncGenerationStream(AsyncIterator[str]):
         if self._client is not None:
             await self._client.aclose()
 
+
 CONNECT_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 600.0  # a first inference may load a large model
 

@@ -15,6 +15,7 @@ import trio
 
 from .. import models, runtime
 from ..mesh import (
+    DEFAULT_KV_BUDGET,
     FrameBudget,
     Inference,
     LocalState,
@@ -56,6 +57,8 @@ class NodeConfig:
     max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
     max_store_bytes: int | None = None  # None: what the store holds + half the free disk
     http: HttpSettings | None = None  # the OpenAI-compatible API, off unless asked for
+    max_memory_bytes: int | None = None  # what this node lends; None: whatever is free
+    kv_cache_bytes: int = DEFAULT_KV_BUDGET  # generation sessions' caches, within the above
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -142,9 +145,10 @@ async def run_node(
         serving = server.serving() if server else []
         fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
         undeployed = started[0].undeployer.markers() if started else []
-        return LocalState(
-            runtime.probe_capacity(throughput).to_dict(), sorted(fragments), serving, undeployed
-        )
+        capacity = runtime.probe_capacity(throughput).to_dict()
+        if server is not None:  # the planner sees what this node lends, not what is free
+            capacity["memory_available"] = server.memory_free()
+        return LocalState(capacity, sorted(fragments), serving, undeployed)
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core
     # Frames from peers held at once (inference and training alike), and one peer's share.
@@ -169,6 +173,8 @@ async def run_node(
             budget,
             config.max_tensor_bytes,
             data_dir.undeployed,
+            config.kv_cache_bytes,
+            config.max_memory_bytes,
         ) as inference,
         open_training(
             mesh,

@@ -78,11 +78,15 @@ async def open_inference(
     max_payload: int,
     undeployed_file: Path | None = None,
     kv_budget: int = DEFAULT_KV_BUDGET,
+    memory_budget: int | None = None,
 ) -> AsyncIterator[Inference]:
     """``undeployed_file`` keeps the undeploy markers across restarts; ``kv_budget``
-    bounds the bytes of every generation session's caches on this node."""
+    bounds the bytes of every generation session's caches on this node, and
+    ``memory_budget`` (None: whatever is free) what its stages and caches may use."""
     fetcher = Fetcher(mesh, store)
-    server = StageServer(mesh, fetcher, threads, compute, budget, max_payload, kv_budget)
+    server = StageServer(
+        mesh, fetcher, threads, compute, budget, max_payload, kv_budget, memory_budget
+    )
     router = Router(mesh, server)
     deployer = Deployer(mesh, server, router, store)
     router.rehost = deployer.rehost

@@ -131,9 +131,12 @@ class StageServer:
         budget: FrameBudget,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         kv_budget: int = DEFAULT_KV_BUDGET,
+        memory_budget: int | None = None,
     ) -> None:
         self.mesh = mesh
-        self.kv = KVCache(kv_budget)  # generation sessions' caches, all decoder stages
+        self.memory_budget = memory_budget
+        # Generation sessions' caches, all decoder stages: within the memory budget.
+        self.kv = KVCache(kv_budget if memory_budget is None else min(kv_budget, memory_budget))
         self.budget = budget  # inbound frames, shared with training
         self.fetcher = fetcher
         self.threads = threads
@@ -155,6 +158,16 @@ class StageServer:
             OUTBOUND_FRAMES * max_payload, OUTBOUND_FRAMES // 2 * max_payload
         )
         self._nursery: trio.Nursery | None = None
+
+    def memory_free(self) -> int:
+        """Memory this node can still lend: free memory, within its budget less what its
+        loaded stages (weights times MEMORY_FACTOR) and generation caches hold."""
+        free = int(psutil.virtual_memory().available)
+        if self.memory_budget is None:
+            return free
+        sizes = {e.fragment: e.fragment_bytes for e in self._hosted.values()}
+        held = sum(int(MEMORY_FACTOR * sizes.get(f, 0)) for f in self._sessions) + self.kv.used
+        return max(0, min(free, self.memory_budget - held))
 
     def serving(self) -> list[dict[str, Any]]:
         return [entry.to_dict() for entry in self._hosted.values()]
@@ -178,11 +191,11 @@ class StageServer:
         self._check_room(entry)
         if entry.fragment not in self._sessions:
             needed = int(MEMORY_FACTOR * entry.fragment_bytes)
-            free = psutil.virtual_memory().available
+            free = self.memory_free()
             if needed > free:
                 raise MeshError(
                     f"stage {entry.stage} of {entry.model} needs about {needed >> 20} MiB; "
-                    f"{short_id(self.mesh.peer_id)} has {free >> 20} MiB free"
+                    f"{short_id(self.mesh.peer_id)} has {free >> 20} MiB free to lend"
                 )
             path = await self.fetcher.fetch(entry.fragment, entry.fragment_bytes, sources, progress)
             try:
