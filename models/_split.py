@@ -1,11 +1,22 @@
 """Cutting an ONNX model into N contiguous fragments of balanced cost.
 
-A cut is a point in the topological order where exactly one live tensor is an
-*activation*: a tensor that descends from a matrix product, a convolution or a large
-embedding lookup. Only that tensor has to travel to the next device. Every other tensor
-that crosses the cut depends on graph inputs and constants alone (an attention mask, a
-shape); the later fragment takes those graph inputs too and recomputes them, which is
-cheap and keeps the wire to one tensor.
+A cut is a point in the topological order where few live tensors are *activations*:
+tensors that descend from a matrix product, a convolution or a large embedding lookup.
+Only those travel to the next device. Every other tensor that crosses the cut depends
+on graph inputs and constants alone (an attention mask, a shape, a decoder's sequence
+lengths and rotary tables); the later fragment takes those graph inputs too and
+recomputes them, which is cheap and keeps the wire small. A graph output (a decoder's
+``present.{i}.key``) is emitted by the fragment that computes it, so it never crosses.
+
+Most models have many points where exactly one activation crosses, and those are the
+cuts. A decoder with fused residual norms (onnxruntime's SkipSimplifiedLayerNormalization)
+has none between its layers: the residual stream and the block's output travel apart
+until the next norm adds them. Such a graph also carries state: nodes that read a past
+input and write the matching present output (GroupQueryAttention). Between two such
+state nodes we admit one wider cut, of at most ``MAX_CUT_TENSORS`` activations: the
+last point before the next state node where every crossing activation is read by the
+very next node (the norm that joins them), that is the boundary between two layers.
+Graphs without state nodes get exactly the single-activation cuts.
 
 Among the valid cuts we choose the N-1 that minimise the most expensive fragment, since
 in a pipeline the slowest stage sets the pace.
@@ -13,6 +24,7 @@ in a pipeline the slowest stage sets the pace.
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -32,6 +44,7 @@ from ._graph import (
 
 _HEAVY_OPS = {
     "MatMul",
+    "MatMulNBits",
     "MatMulInteger",
     "QLinearMatMul",
     "Gemm",
@@ -42,14 +55,18 @@ _HEAVY_OPS = {
 }
 # A Gather from a table at least this many elements is an embedding lookup.
 _LARGE_GATHER = 64 * 1024
+# A layer boundary of a decoder with fused residual norms carries 2 activations.
+MAX_CUT_TENSORS = 2
 
 
 @dataclass(frozen=True)
 class Cut:
-    """A valid cut before node ``position``; ``tensor`` is the one activation crossing it."""
+    """A valid cut before node ``position``; ``tensors`` are the activations crossing it
+    (one for most models, up to ``MAX_CUT_TENSORS`` between a decoder's layers), in the
+    order the graph computes them."""
 
     position: int
-    tensor: str
+    tensors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -87,30 +104,63 @@ def _activations(graph: onnx.GraphProto, shapes: dict[str, Shape]) -> set[str]:
     return active
 
 
+def _state_nodes(graph: onnx.GraphProto) -> list[int]:
+    """Positions of nodes that read a graph input and write a graph output (a decoder's
+    attention: past key/values in, present out)."""
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    return [
+        index
+        for index, node in enumerate(graph.node)
+        if any(name in inputs for name in node.input) and any(o in outputs for o in node.output)
+    ]
+
+
 def find_cuts(model: onnx.ModelProto) -> list[Cut]:
-    """All single-activation cut points of a shape-inferred model, in order."""
+    """All cut points of a shape-inferred model, in order (see the module docstring)."""
     graph = model.graph
     nodes = list(graph.node)
     constant = _constants(graph)
     active = _activations(graph, known_shapes(model))
     declarable = typed_tensors(model)
+    order = {name: index for index, node in enumerate(nodes) for name in node.output}
     last_use: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for name in node_inputs(node):
             last_use[name] = index
+    # A graph output nothing reads later leaves from the fragment that computes it.
     for output in graph.output:
-        last_use[output.name] = len(nodes)
+        if output.name not in order:
+            last_use[output.name] = len(nodes)
 
-    cuts: list[Cut] = []
+    state = _state_nodes(graph)
+    single: dict[int, tuple[str, ...]] = {}
+    joins: dict[int, tuple[str, ...]] = {}
     live: set[str] = {i.name for i in graph.input if i.name not in constant}
     for position in range(1, len(nodes)):
         live.update(name for name in nodes[position - 1].output if name and name not in constant)
         live = {name for name in live if last_use.get(name, -1) >= position}
-        crossing = [name for name in live if name in active]
-        if len(crossing) == 1 and crossing[0] in declarable:
-            if cuts and cuts[-1].tensor == crossing[0]:
-                continue  # same tensor as the cut before: a fragment between would be empty
-            cuts.append(Cut(position, crossing[0]))
+        crossing = tuple(sorted((n for n in live if n in active), key=lambda n: order.get(n, -1)))
+        if not crossing or not all(name in declarable for name in crossing):
+            continue
+        if len(crossing) == 1:
+            single[position] = crossing
+        elif state and len(crossing) <= MAX_CUT_TENSORS:
+            reads = set(node_inputs(nodes[position]))
+            if all(name in reads for name in crossing):
+                joins[position] = crossing
+    # Between two state nodes, keep the last join: the boundary before the next layer.
+    wide = {}
+    for before, after in pairwise(state):
+        inside = [p for p in joins if before < p <= after]
+        if inside:
+            wide[max(inside)] = joins[max(inside)]
+
+    cuts: list[Cut] = []
+    for position, tensors in sorted({**single, **wide}.items()):
+        if cuts and cuts[-1].tensors == tensors:
+            continue  # same tensors as the cut before: a fragment between would be empty
+        cuts.append(Cut(position, tensors))
     return cuts
 
 
@@ -155,7 +205,7 @@ class CutAnalysis:
     """Where a model can be cut and what each stretch between cuts costs.
 
     ``flops_before[i]`` and ``weights_before[i]`` are totals over nodes before position
-    ``i``; ``cut_bytes`` is the size of each cut's activation under reference dims.
+    ``i``; ``cut_bytes`` is the size of each cut's activations under reference dims.
     """
 
     inferred: onnx.ModelProto
@@ -194,8 +244,10 @@ def analyze(model: onnx.ModelProto) -> CutAnalysis:
         if info.type.tensor_type.elem_type
     }
     cut_bytes = {
-        cut.position: math.prod(d or 1 for d in reference_shapes.get(cut.tensor, ()))
-        * itemsize.get(cut.tensor, 4)
+        cut.position: sum(
+            math.prod(d or 1 for d in reference_shapes.get(name, ())) * itemsize.get(name, 4)
+            for name in cut.tensors
+        )
         for cut in cuts
     }
     return CutAnalysis(
@@ -213,7 +265,7 @@ def balanced_cuts(analysis: CutAnalysis, parts: int) -> list[Cut]:
         raise SplitError(f"parts must be at least 1, not {parts}")
     if len(analysis.cuts) < parts - 1:
         raise SplitError(
-            f"the model has {len(analysis.cuts)} single-activation cut points, "
+            f"the model has {len(analysis.cuts)} cut points, "
             f"too few for {parts} fragments (at most {len(analysis.cuts) + 1})"
         )
     return _balanced(analysis.flops_before, analysis.cuts, parts) if parts > 1 else []
@@ -227,22 +279,27 @@ def extract_fragments(analysis: CutAnalysis, chosen: list[Cut]) -> list[Fragment
         any(valid.get(c.position) != c for c in chosen)
         or sorted(chosen, key=lambda c: c.position) != chosen
     ):
-        raise SplitError("cuts must be this model's single-activation cut points, in order")
+        raise SplitError("cuts must be this model's cut points, in order")
     prefix = analysis.flops_before
     graph_inputs = [i.name for i in inferred.graph.input]
     initializers = {t.name for t in inferred.graph.initializer}
     graph_inputs = [name for name in graph_inputs if name not in initializers]
-    graph_outputs = [o.name for o in inferred.graph.output]
     extractor = Extractor(inferred)
     bounds = [0] + [c.position for c in chosen] + [analysis.nodes]
     # What each fragment receives from upstream (beyond graph inputs) and passes on.
-    received: list[list[str]] = [[]] + [[c.tensor] for c in chosen]
-    passed: list[list[str]] = [[c.tensor] for c in chosen] + [graph_outputs]
+    received: list[list[str]] = [[]] + [list(c.tensors) for c in chosen]
+    passed: list[list[str]] = [list(c.tensors) for c in chosen] + [[]]
+    # Each graph output leaves from the fragment that computes it (inputs: the last).
+    made_at = {name: i for i, node in enumerate(inferred.graph.node) for name in node.output}
+    emitted: list[list[str]] = [[] for _ in bounds[1:]]
+    for output in inferred.graph.output:
+        at = made_at.get(output.name, analysis.nodes)
+        emitted[max(i for i, start in enumerate(bounds[:-1]) if start <= at)].append(output.name)
 
     fragments = []
     for index in range(len(chosen) + 1):
         start, end = bounds[index], bounds[index + 1]
-        outputs = passed[index]
+        outputs = [*passed[index], *(n for n in emitted[index] if n not in passed[index])]
         fragment = extractor.extract_model([*received[index], *graph_inputs], outputs)
         _drop_unused_inputs(fragment)
         fragments.append(

@@ -104,7 +104,7 @@ def test_a_fragment_between_any_two_neighbouring_cuts_has_work(model: str) -> No
     """The capacity planner may pick any two neighbouring cuts (a very slow peer gets
     the smallest stage), so no pair may enclose an empty graph."""
     analysis = analyze(onnx.load(str(MODELS[model][0]())))
-    tensors = [cut.tensor for cut in analysis.cuts]
+    tensors = [cut.tensors for cut in analysis.cuts]
     assert all(a != b for a, b in pairwise(tensors))
     for fragment in extract_fragments(analysis, analysis.cuts):
         assert fragment.model.graph.node, f"fragment {fragment.index} is empty"
