@@ -6,6 +6,7 @@ model into the same number of parts again costs nothing.
 """
 
 import json
+import shutil
 import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -14,7 +15,8 @@ from pathlib import Path
 import onnx
 
 from ._split import Cut, CutAnalysis, FragmentGraph, analyze, balanced_cuts, extract_fragments
-from ._store import ModelStore, StoredModel
+from ._store import MODEL_FILE, ModelStore, StoredModel
+from ._validate import side_files
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,14 @@ def _store_plan(
         ExitStack() as pins,  # under a quota, a fragment must not evict its siblings
     ):
         for graph in graphs:
-            file = Path(tmp) / f"fragment-{graph.index}.onnx"
+            folder = Path(tmp) / f"fragment-{graph.index}"
+            folder.mkdir()
+            file = folder / MODEL_FILE
             onnx.save(graph.model, str(file))
+            # A language model's card and tokenizer go with every fragment: any host
+            # can then tell a requester how to talk to the model.
+            for side in side_files(model.path, []):
+                shutil.copyfile(side, folder / side.name)
             sha256, _ = store.add_object(file)
             pins.enter_context(store.pinned([sha256]))
             fragments.append(

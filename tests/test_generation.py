@@ -1,0 +1,147 @@
+"""Text generation across real node processes with the real SmolLM2 (issue 10).
+
+One module-scoped mesh of three nodes serves SmolLM2 in three stages; every test here
+compares what the mesh streams against the whole model run in one onnxruntime session
+with its KV cache, token for token.
+"""
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tokenizers
+from llm_helpers import card_of, greedy_tokens, imported_smollm2
+from mesh_helpers import formed, mesh_of, wait_until
+
+from conftest import NodeProcess
+from salala.models import LlmCard
+from salala.node import ContextLengthError
+from salala.runtime import ModelSession
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+
+class Whole:
+    """The imported model in one session: the reference every mesh run must equal."""
+
+    def __init__(self, folder: Path) -> None:
+        self.card: LlmCard = card_of(folder)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.session = ModelSession(folder / "model.onnx", threads=1)
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def greedy_text(self, prompt: str, count: int) -> str:
+        tokens = greedy_tokens(self.session.run, self.card, self.ids(prompt), count)
+        tokens = [t for t in tokens if t not in self.card.eos_token_ids]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def model_folder() -> Path:
+    return imported_smollm2("none")
+
+
+@pytest.fixture(scope="module")
+def whole(model_folder: Path) -> Whole:
+    return Whole(model_folder)
+
+
+@pytest.fixture(scope="module")
+def smol_mesh(tmp_path_factory: pytest.TempPathFactory, model_folder: Path) -> Iterator[
+    list[NodeProcess]
+]:
+    root = tmp_path_factory.mktemp("llm-mesh")
+    with mesh_of(root, 3, None, "--threads", "1") as nodes:
+        formed(nodes)
+        with nodes[0].client() as client:
+            client.add_model(model_folder / "model.onnx", "smol")
+            deployment = client.deploy("smol", shards=3)
+        hosts = {stage["peers"][0] for stage in deployment["stages"]}
+        assert len(hosts) == 3, deployment  # the plan spreads the model over the 3 nodes
+
+        def everywhere() -> bool:
+            for node in nodes:
+                with node.client() as client:
+                    found = [d for d in client.deployments() if d["model"] == "smol"]
+                if not found or not all(s["hosts"] for s in found[0]["stages"]):
+                    return False
+            return True
+
+        wait_until(everywhere, 30, "smol visible on every node")
+        yield nodes
+
+
+def mesh_text(node: NodeProcess, prompt: str, count: int, **options: object) -> str:
+    with node.client() as client:
+        return "".join(
+            client.generate("smol", prompt, max_tokens=count, temperature=0.0, **options)
+        )
+
+
+def test_the_mesh_generates_exactly_what_the_whole_model_does(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    for prompt in PROMPTS:
+        assert mesh_text(smol_mesh[0], prompt, 24) == whole.greedy_text(prompt, 24)
+    # from a node whose own stage is not the first, too
+    assert mesh_text(smol_mesh[2], PROMPTS[0], 12) == whole.greedy_text(PROMPTS[0], 12)
+
+
+def test_whole_answers_carry_usage(smol_mesh: list[NodeProcess], whole: Whole) -> None:
+    with smol_mesh[1].client() as client:
+        result = client.generate("smol", PROMPTS[0], max_tokens=8, temperature=0.0, stream=False)
+    assert result.text == whole.greedy_text(PROMPTS[0], 8)
+    assert result.prompt_tokens == len(whole.ids(PROMPTS[0]))
+    assert result.completion_tokens == 8 and result.finish_reason == "length"
+
+
+def test_concurrent_sessions_each_get_their_own_text(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    prompts = ["Once upon a time", "The best way to cook rice is", *PROMPTS]
+    alone = {p: whole.greedy_text(p, 16) for p in prompts}
+    got: dict[str, str] = {}
+
+    def run(prompt: str, node: NodeProcess) -> None:
+        got[prompt] = mesh_text(node, prompt, 16)
+
+    threads = [
+        threading.Thread(target=run, args=(p, smol_mesh[i % 3])) for i, p in enumerate(prompts)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert got == alone
+
+
+def test_seeded_sampling_repeats(smol_mesh: list[NodeProcess]) -> None:
+    with smol_mesh[0].client() as client:
+        runs = [
+            client.generate(
+                "smol", PROMPTS[0], max_tokens=12, temperature=1.0, seed=42, stream=False
+            ).text
+            for _ in range(2)
+        ]
+        other = client.generate(
+            "smol", PROMPTS[0], max_tokens=12, temperature=1.0, seed=43, stream=False
+        ).text
+    assert runs[0] == runs[1] != other
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_stage_runs(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    words = whole.card.context_length + 10
+    with smol_mesh[0].client() as client:
+        with pytest.raises(ContextLengthError, match="context holds"):
+            client.generate("smol", "hi " * words, max_tokens=4, stream=False)
+        status = client.status()
+    assert status  # and the node still answers
