@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ._split import Cut, CutAnalysis, FragmentGraph, analyze, balanced_cuts, extract_fragments
-from ._store import ModelStore, StoredModel
+from ._store import MODEL_FILE, ModelStore, StoredModel
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,24 @@ def _load_plan(plan_file: Path, model: StoredModel) -> SplitPlan | None:
 def _store_plan(
     store: ModelStore, model: StoredModel, plan_file: Path, graphs: list[FragmentGraph]
 ) -> SplitPlan:
+    # A model that keeps its weights beside the graph gets fragments that do too: a
+    # fragment's graph stays small to parse, and none meets protobuf's 2 GB limit.
+    external = store.object_size(model.sha256) > model.path.stat().st_size
     fragments = []
     with (
         tempfile.TemporaryDirectory(prefix=".split-", dir=store.root) as tmp,
         ExitStack() as pins,  # under a quota, a fragment must not evict its siblings
     ):
         for graph in graphs:
-            file = Path(tmp) / f"fragment-{graph.index}.onnx"
-            onnx.save(graph.model, str(file))
+            file = Path(tmp) / str(graph.index) / MODEL_FILE
+            file.parent.mkdir()
+            onnx.save(
+                graph.model,
+                str(file),
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                location=f"{MODEL_FILE}.data",
+            )
             sha256, _ = store.add_object(file)
             pins.enter_context(store.pinned([sha256]))
             fragments.append(
