@@ -55,16 +55,25 @@ def _load_plan(plan_file: Path, model: StoredModel) -> SplitPlan | None:
 def _store_plan(
     store: ModelStore, model: StoredModel, plan_file: Path, graphs: list[FragmentGraph]
 ) -> SplitPlan:
+    # A model that keeps its weights beside the graph gets fragments that do too: a
+    # fragment's graph stays small to parse, and none meets protobuf's 2 GB limit.
+    external = store.object_size(model.sha256) > model.path.stat().st_size
     fragments = []
     with (
         tempfile.TemporaryDirectory(prefix=".split-", dir=store.root) as tmp,
         ExitStack() as pins,  # under a quota, a fragment must not evict its siblings
     ):
         for graph in graphs:
-            folder = Path(tmp) / f"fragment-{graph.index}"
+            folder = Path(tmp) / str(graph.index)
             folder.mkdir()
             file = folder / MODEL_FILE
-            onnx.save(graph.model, str(file))
+            onnx.save(
+                graph.model,
+                str(file),
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                location=f"{MODEL_FILE}.data",
+            )
             # A language model's card and tokenizer go with every fragment: any host
             # can then tell a requester how to talk to the model.
             for side in side_files(model.path, []):

@@ -115,6 +115,11 @@ class ModelStore:
     def object_path(self, sha256: str) -> Path:
         return self._objects / sha256 / MODEL_FILE
 
+    def object_size(self, sha256: str) -> int:
+        """Bytes of the whole object: its model file and every external-data file. A
+        plan names this size, so a fetch of the object knows what to expect."""
+        return _size(self._objects / sha256)
+
     # ---- room under the quota -------------------------------------------------------
 
     def objects(self) -> dict[str, tuple[int, float]]:

@@ -9,7 +9,6 @@ progress as it goes. The deploy returns once the deployer sees every stage adver
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -33,6 +32,11 @@ PROTOCOL = TProtocol("/salala/deploy/1.0.0")
 HOST_TIMEOUT_S = 600.0
 PROGRESS_EVERY_S = 0.5
 VISIBLE_TIMEOUT_S = 15.0
+# Cutting a large model holds the GIL for seconds at a time (onnx parses, infers shapes
+# and copies protobufs in C++), and a node whose loop is held that long finds its peers
+# silent and evicts them until the next exchange. Peers live when the deploy began are
+# waited for this long before the plan or the hosting goes on without them.
+REJOIN_TIMEOUT_S = 30.0
 
 DeployProgress = Callable[[dict[str, Any]], None]
 
@@ -112,11 +116,12 @@ class Deployer:
         sources: list[str] | None = None,
     ) -> None:
         label = {"stage": entry.stage, "peer": short_id(peer_id), "fragment": entry.fragment[:12]}
+        done = {"bytes": entry.fragment_bytes, "total": entry.fragment_bytes}
         sources = sources or [self.mesh.peer_id]
         if peer_id == self.mesh.peer_id:
             with self.server.fetcher.pinned([entry.fragment]):  # see serve_deploy
                 await self.server.host(entry, sources)
-            progress({**label, "state": "ready"})
+            progress({**label, "state": "ready", **done})
             return
         stream = await self.mesh.open_stream(peer_id, PROTOCOL)
         try:
@@ -132,7 +137,7 @@ class Deployer:
                         raise DeployError(
                             f"{short_id(peer_id)} cannot host stage {entry.stage}: {why}"
                         )
-                    progress({**label, "state": "ready"})
+                    progress({**label, "state": "ready", **done})
                     return
         finally:
             with trio.move_on_after(2):
@@ -148,24 +153,35 @@ class Deployer:
     ) -> dict[str, Any]:
         if codec not in CODECS:
             raise DeployError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+        warnings: list[str] = []
+        live_at_start = [p.peer_id for p in self._capacities()]
         analysis = self._analyses.get(stored.sha256)
         if analysis is None:
             analysis = await trio.to_thread.run_sync(lambda: analyze(onnx.load(str(stored.path))))
             self._analyses[stored.sha256] = analysis
+        warnings += await self._rejoined(live_at_start, "planned without it")
+        peers = self._capacities()
         try:
-            placement = plan_placement(analysis, self._capacities(), shards, replicas)
+            placement = plan_placement(analysis, peers, shards, replicas)
         except PlacementError as exc:
             raise DeployError(f"cannot place {stored.name}: {exc}") from exc
+        hosts = {p for s in placement.stages for p in s.peers}
+        if len(hosts) < len(placement.stages) * replicas:
+            warnings.append(
+                f"{len(placement.stages)} stages x {replicas} replicas over {len(peers)} live "
+                f"peer(s): stages share hosts"
+            )
         plan = await trio.to_thread.run_sync(
             split_stored_at, self.store, stored, analysis, placement.cuts
         )
+        warnings += await self._rejoined(sorted(hosts), "its stages may fail")
         self.router.deployments()  # the clock sees every deployment we know of first
         created = self.server.clock.tick()
         deployment = f"{stored.name}@{created}-{short_id(self.mesh.peer_id)}"
         stage_plan = [
             {
                 "fragment": f.sha256,
-                "bytes": Path(f.path).stat().st_size,
+                "bytes": self.store.object_size(f.sha256),  # every file of it
                 "inputs": f.inputs,
                 "outputs": f.outputs,
             }
@@ -207,7 +223,7 @@ class Deployer:
             "model": stored.name,
             "codec": codec,
             "bottleneck_ms": round(placement.bottleneck_s * 1000, 3),
-            "warnings": failures,
+            "warnings": [*warnings, *failures],
             "stages": [
                 {
                     "stage": e.stage,
@@ -244,6 +260,17 @@ class Deployer:
             except (MeshError, trio.TooSlowError) as exc:
                 failures.append(f"{short_id(peer_id)}: {exc}")
         raise DeployError(f"no peer could take stage {entry.stage}: {'; '.join(failures)}")
+
+    async def _rejoined(self, peer_ids: list[str], consequence: str) -> list[str]:
+        """Wait for these peers to be live again; a warning for each that is not."""
+        with trio.move_on_after(REJOIN_TIMEOUT_S):
+            while not all(self.mesh.is_live(p) for p in peer_ids):
+                await trio.sleep(0.2)
+        return [
+            f"{short_id(p)} was not live after {REJOIN_TIMEOUT_S:.0f} s; {consequence}"
+            for p in peer_ids
+            if not self.mesh.is_live(p)
+        ]
 
     async def _until_visible(self, model: str, deployment: str) -> None:
         """Wait until our own membership table shows every stage hosted."""
