@@ -10,10 +10,10 @@ half-written copy can never be mistaken for a good one (objects appear by rename
     <root>/incoming/<sha256>.part        a fetch in progress (or interrupted, to resume)
 
 An object's hash covers every file in its folder, by this exact rule: sha256 over the
-bytes of ``model.onnx``; then, for each external-data file in sorted order, its name
-relative to the folder (POSIX, UTF-8) followed by its bytes; then, for each side file
-present, in the order ``SIDE_FILES`` lists them, its name followed by its bytes. A lone
-``model.onnx`` therefore hashes to the sha256 of its bytes. Side files are what a
+bytes of ``model.onnx``; then, for every other file (external data and side files) in
+order of its name relative to the folder (POSIX, UTF-8), that name followed by its
+bytes. A lone ``model.onnx`` therefore hashes to the sha256 of its bytes, and a fetch
+can check an object from its manifest alone (``mesh.wire._transfer``). Side files are what a
 language model needs beside its graph (``llm.json``, its card, and ``tokenizer.json``);
 an object has them only if they lie beside the model file when it is added.
 
@@ -59,9 +59,12 @@ class StoredModel:
 
 
 def _digest(model_file: Path, external: list[Path], side: list[Path]) -> str:
-    """sha256 by the rule in this module's docstring (``side`` in SIDE_FILES order)."""
+    """sha256 by the rule in this module's docstring: the model file, then every other
+    file by relative path (the order a fetch's manifest lists them in)."""
     digest = hashlib.sha256()
-    for file in [model_file, *external, *side]:
+    root = model_file.parent.resolve()
+    others = sorted([*external, *side], key=lambda f: f.relative_to(root).as_posix())
+    for file in [model_file, *others]:
         if file is not model_file:
             digest.update(file.relative_to(model_file.parent.resolve()).as_posix().encode())
         with file.open("rb") as stream:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...runtime import ModelSession, TensorSpec
+from ...models import LlmCard
+from ...runtime import ModelSession
 from ._sampling import Sampling, sample
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -22,31 +23,28 @@ def is_decoder(session: ModelSession) -> bool:
     return any(_PAST.match(spec.name) for spec in session.inputs)
 
 
-def _empty(spec: TensorSpec) -> np.ndarray:
-    """A cache of no tokens: [batch 1, heads, 0, head size]."""
-    shape = [d if isinstance(d, int) and d >= 0 else 1 for d in spec.shape]
-    shape[2] = 0
-    return np.zeros(shape, dtype=spec.dtype or np.float32)
-
-
 @dataclass(frozen=True)
 class DecoderStage:
+    """A decoder fragment with its model's card (which fixes the cache's head shape:
+    graphs leave it symbolic)."""
+
     session: ModelSession
+    card: LlmCard
 
     @property
-    def pasts(self) -> list[TensorSpec]:
-        return [spec for spec in self.session.inputs if _PAST.match(spec.name)]
+    def pasts(self) -> list[str]:
+        return [spec.name for spec in self.session.inputs if _PAST.match(spec.name)]
 
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token costs this stage (all its layers, keys and values)."""
-        total = 0
-        for spec in self.pasts:
-            dims = [d for i, d in enumerate(spec.shape) if i not in (0, 2)]
-            if not all(isinstance(d, int) and d > 0 for d in dims):
-                raise ValueError(f"{spec.name} has no fixed head shape: {spec.shape}")
-            total += int(np.prod(dims)) * (spec.dtype or np.dtype(np.float32)).itemsize
-        return total
+        itemsize = np.dtype(self.card.kv_dtype).itemsize
+        return len(self.pasts) * self.card.num_kv_heads * self.card.head_dim * itemsize
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        """A cache of no tokens: [batch 1, KV heads, 0, head size] per past input."""
+        shape = (1, self.card.num_kv_heads, 0, self.card.head_dim)
+        return {name: np.zeros(shape, dtype=self.card.kv_dtype) for name in self.pasts}
 
     def run(
         self,
@@ -57,14 +55,13 @@ class DecoderStage:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(what goes on, the new cache). Blocking: run it in a worker thread."""
         feeds = {s.name: tensors[s.name] for s in self.session.inputs if s.name in tensors}
-        for spec in self.pasts:
-            feeds[spec.name] = cache[spec.name] if cache else _empty(spec)
+        feeds.update(cache or self.empty_cache())
         outputs = self.session.run(feeds)
         presents = {}
-        for spec in self.pasts:
-            match = _PAST.match(spec.name)
+        for name in self.pasts:
+            match = _PAST.match(name)
             assert match is not None
-            presents[spec.name] = outputs.pop(f"present.{match[1]}.{match[2]}")
+            presents[name] = outputs.pop(f"present.{match[1]}.{match[2]}")
         if "logits" in outputs and sampling is not None:
             token = sample(outputs.pop("logits")[0, -1], sampling, step)
             outputs = {"token": np.array([token], dtype=np.int64)}

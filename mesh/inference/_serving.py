@@ -23,6 +23,7 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
+from ...models import InvalidModelError, LlmCard, llm_card
 from ...runtime import InputMismatchError, ModelLoadError, ModelSession
 from .._errors import MeshError, WireError
 from .._peerid import short_id
@@ -106,10 +107,12 @@ class ServingEntry:
         return asdict(self)
 
 
-def _warm(session: ModelSession) -> None:
+def _warm(session: ModelSession, card: LlmCard | None) -> None:
     """One run on zeros so the first real request does not pay for allocation."""
-    feeds = {}
+    feeds = DecoderStage(session, card).empty_cache() if card is not None else {}
     for spec in session.inputs:
+        if spec.name in feeds:
+            continue
         shape = [
             d if isinstance(d, int) and d > 0 else (1 if i == 0 else 8)
             for i, d in enumerate(spec.shape)
@@ -149,6 +152,7 @@ class StageServer:
         self._compute = compute
         self._hosted: dict[tuple[str, int], ServingEntry] = {}
         self._sessions: dict[str, ModelSession] = {}
+        self._cards: dict[str, LlmCard] = {}  # of the decoder fragments loaded
         self._jobs_send, self._jobs_receive = trio.open_memory_channel[
             tuple[dict[str, Any], dict[str, np.ndarray], Lease | None]
         ](QUEUE)
@@ -202,12 +206,17 @@ class StageServer:
                 session = await trio.to_thread.run_sync(
                     lambda: ModelSession(path, threads=self.threads)
                 )
-            except ModelLoadError as exc:
+                card = llm_card(path) if is_decoder(session) else None
+            except (ModelLoadError, InvalidModelError) as exc:
                 raise MeshError(f"fragment {entry.fragment[:12]} does not load: {exc}") from exc
-            await trio.to_thread.run_sync(_warm, session, limiter=self._compute)
+            await trio.to_thread.run_sync(_warm, session, card, limiter=self._compute)
             self._sessions[entry.fragment] = session
+            if card is not None:
+                self._cards[entry.fragment] = card
         self._check_room(entry)  # again: other stages may have landed while this one loaded
         self._hosted[(entry.deployment, entry.stage)] = entry
+        kind = "decoder" if entry.fragment in self._cards else "stateless"
+        log.info("hosting stage %d of %s (%s)", entry.stage, entry.deployment, kind)
         self.mesh.refresh()
 
     def _check_room(self, entry: ServingEntry) -> None:
@@ -236,6 +245,7 @@ class StageServer:
         in_use = {e.fragment for e in self._hosted.values()}
         for fragment in [f for f in self._sessions if f not in in_use]:
             del self._sessions[fragment]
+            self._cards.pop(fragment, None)
         if stale:
             self.mesh.refresh()
 
@@ -411,20 +421,17 @@ class StageServer:
         gen = header["gen"]
         where = f"stage {entry.stage} of {entry.model}"
         mask = tensors.get("attention_mask")
-        if (
-            not is_decoder(session)
-            or mask is None
-            or mask.ndim != 2
-            or mask.shape[0] != 1
-            or not np.all(mask == 1)
-        ):
-            await self._refuse(
-                header,
-                "invalid_input",
-                f"{where}: a generation step needs a decoder stage "
-                "and an attention_mask of ones, of shape [1, past + new tokens]",
-            )
+        card = self._cards.get(entry.fragment)
+        problem = None
+        if card is None:
+            problem = "this stage is not part of a language model with a card"
+        elif mask is None or mask.ndim != 2 or mask.shape[0] != 1 or not np.all(mask == 1):
+            shape = None if mask is None else list(mask.shape)
+            problem = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
+        if problem is not None:
+            await self._refuse(header, "invalid_input", f"{where}: {problem}")
             return None
+        assert card is not None and mask is not None
         total = int(mask.shape[1])
         if total <= gen["past"]:
             await self._refuse(
@@ -434,7 +441,7 @@ class StageServer:
                 f"not more than the {gen['past']} already cached",
             )
             return None
-        stage = DecoderStage(session)
+        stage = DecoderStage(session, card)
         key = (entry.deployment, entry.stage, gen["sid"])
         try:
             step = self.kv.begin(key, gen["past"], stage.bytes_per_token * total)
