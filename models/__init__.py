@@ -40,6 +40,7 @@ from ._store import MODEL_FILE as MODEL_FILE
 from ._store import ModelStore as ModelStore
 from ._store import StoredModel as StoredModel
 from ._store import check_name as check_name
+from ._store import digest_order as digest_order
 from ._text import TokenizerMissingError as TokenizerMissingError
 from ._text import encode_texts as encode_texts
 from ._text import sentence_embeddings as sentence_embeddings

@@ -182,6 +182,7 @@ SURFACES = {
         "split_stored",
         "held_fragments",
         "MODEL_FILE",
+        "digest_order",
         "split_stored_at",
         "analyze",
         "Cut",

@@ -212,6 +212,48 @@ async def test_a_fetch_that_lies_about_its_size_writes_no_more_than_the_plan_nam
     assert all(size <= 1000 for size in sizes), sizes
 
 
+async def test_a_fetch_manifest_that_escapes_or_lies_writes_nothing_outside_the_plan(
+    node: NodeProcess,
+) -> None:
+    """A multi-file object's manifest names a path out of the object folder, files that
+    do not add up to the size announced, then more files than a manifest may hold. Each
+    is refused by name, and nothing beyond the plan's 1000 bytes is written anywhere."""
+    size = 1000
+    lies = iter(
+        [
+            {"size": size, "files": [["model.onnx", 10], ["../../../escape.bin", size - 10]]},
+            {"size": size, "files": [["model.onnx", 10], ["model.onnx.data", size]]},
+            {"size": size, "files": [["model.onnx", size]] + [[f"f{i}", 0] for i in range(2048)]},
+        ]
+    )
+
+    async def lying_source(stream: INetStream) -> None:
+        try:
+            await write_message(stream, next(lies))
+            with trio.move_on_after(20):
+                await stream.write(b"z" * size)
+        except Exception:  # the node hung up on the lie, as it should
+            pass
+
+    outside = {p for p in node.data_dir.parent.rglob("*") if node.data_dir not in p.parents}
+    incoming = node.data_dir / "store" / "incoming"
+    async with member_of(node, {FETCH_PROTOCOL: lying_source}) as member:
+        lied = entry(node)
+        lied["plan"][0].update(fragment=sha256_of(b"multi-file lie"), bytes=size)
+        request = {"entry": lied, "sources": [member.peer_id] * 3}
+        reply = await member.ask(DEPLOY, request, timeout=120)
+    assert reply["ok"] is False
+    error = reply["error"]
+    assert "files[1][0]" in error and "'..'" in error, error  # the escaping name
+    assert error.count("adds up to that size") == 1, error  # sizes that do not add up
+    assert "files: must hold 1..2048 items, has 2049" in error, error
+    after = {p for p in node.data_dir.parent.rglob("*") if node.data_dir not in p.parents}
+    assert after == outside
+    assert not any(p.name == "escape.bin" for p in node.data_dir.rglob("*"))
+    sizes = [p.stat().st_size for p in incoming.rglob("*") if p.is_file()]
+    assert all(s <= size for s in sizes), sizes
+
+
 async def test_control_messages_that_fail_their_schema_get_the_field_named(
     node: NodeProcess,
 ) -> None:

@@ -36,6 +36,7 @@ from ...models import (
     ModelStore,
     PathEscapeError,
     StoreFullError,
+    digest_order,
     inside,
 )
 from .._errors import MeshError, WireError
@@ -105,14 +106,9 @@ FETCH_REPLY = where(
 
 
 def object_manifest(folder: Path) -> Manifest:
-    """The object's files in the order the store's digest reads them: the model file,
-    then every other file by path."""
+    """The object's files, with their sizes, in the order the store's digest reads them."""
     root = folder.resolve()
-    model_file = root / MODEL_FILE
-    others = sorted(p for p in root.rglob("*") if p.is_file() and p != model_file)
-    return [(MODEL_FILE, model_file.stat().st_size)] + [
-        (p.relative_to(root).as_posix(), p.stat().st_size) for p in others
-    ]
+    return [(p.relative_to(root).as_posix(), p.stat().st_size) for p in digest_order(root)]
 
 
 def _read_range(folder: Path, manifest: Manifest, offset: int) -> Iterator[tuple[Path, int, int]]:
