@@ -39,7 +39,7 @@ from typing import Any
 
 from ._errors import InvalidModelError, UnknownModelError
 from ._quota import plan_eviction
-from ._validate import SIDE_FILES, load_checked, side_files
+from ._validate import load_checked, side_files
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,18 +74,13 @@ def _digest(model_file: Path, external: list[Path], side: list[Path]) -> str:
 
 
 def digest_order(folder: Path) -> list[Path]:
-    """A stored object's files in the order its digest reads them: the model file, the
-    external-data files sorted, then the side files in SIDE_FILES order. Read from the
-    folder alone (no parse), so serving an object costs no more than listing it."""
+    """A stored object's files in the order its digest reads them: the model file, then
+    every other file by relative path. Read from the folder alone (no parse), so serving
+    an object costs no more than listing it."""
     root = folder.resolve()
     model_file = root / MODEL_FILE
-    side = [root / name for name in SIDE_FILES]
     files = [p for p in root.rglob("*") if p.is_file() and p != model_file]
-    return [
-        model_file,
-        *sorted(p for p in files if p not in side),
-        *(p for p in side if p in files),
-    ]
+    return [model_file, *sorted(files, key=lambda p: p.relative_to(root).as_posix())]
 
 
 def _size(folder: Path) -> int:

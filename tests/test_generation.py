@@ -5,18 +5,15 @@ compares what the mesh streams against the whole model run in one onnxruntime se
 with its KV cache, token for token.
 """
 
-import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tokenizers
+from conftest import NodeProcess
 from llm_helpers import card_of, greedy_tokens, imported_smollm2
 from mesh_helpers import formed, mesh_of, wait_until
-
-from conftest import NodeProcess
 from salala.models import LlmCard
 from salala.node import ContextLengthError
 from salala.runtime import ModelSession

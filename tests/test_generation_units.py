@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from salala.mesh.inference._kvcache import IDLE_S, TTL_S, CacheFull, CacheMiss, KVCache
 from salala.mesh.inference._sampling import Sampling, sample
 from salala.models import ChatTemplateError, TextStream, check_messages, render_chat
