@@ -44,9 +44,9 @@ from ..wire import (
     validate,
 )
 from ._clock import DeploymentClock
-from ._decoder import DecoderStage, is_decoder
+from ._decoder import DecoderStage
 from ._headers import ATTEMPT, INFER_FRAME, REQUEST_ID
-from ._kvcache import CacheFull, CacheMiss, KVCache
+from ._kvcache import CacheFull, CacheMiss, KVCache, Step
 from ._placement import MEMORY_FACTOR
 from ._sampling import Sampling
 from ._undeployed import Undeployed
@@ -206,7 +206,7 @@ class StageServer:
                 session = await trio.to_thread.run_sync(
                     lambda: ModelSession(path, threads=self.threads)
                 )
-                card = llm_card(path) if is_decoder(session) else None
+                card = llm_card(path)  # every fragment of a language model has one
             except (ModelLoadError, InvalidModelError) as exc:
                 raise MeshError(f"fragment {entry.fragment[:12]} does not load: {exc}") from exc
             await trio.to_thread.run_sync(_warm, session, card, limiter=self._compute)
@@ -420,52 +420,69 @@ class StageServer:
         session's cache here (see ``_kvcache``); the last stage samples."""
         gen = header["gen"]
         where = f"stage {entry.stage} of {entry.model}"
-        mask = tensors.get("attention_mask")
         card = self._cards.get(entry.fragment)
-        problem = None
         if card is None:
-            problem = "this stage is not part of a language model with a card"
-        elif mask is None or mask.ndim != 2 or mask.shape[0] != 1 or not np.all(mask == 1):
-            shape = None if mask is None else list(mask.shape)
-            problem = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
-        if problem is not None:
-            await self._refuse(header, "invalid_input", f"{where}: {problem}")
-            return None
-        assert card is not None and mask is not None
-        total = int(mask.shape[1])
-        if total <= gen["past"]:
-            await self._refuse(
-                header,
-                "invalid_input",
-                f"{where}: attention_mask covers {total} tokens, "
-                f"not more than the {gen['past']} already cached",
-            )
+            await self._refuse(header, "invalid_input", f"{where} is not part of a language model")
             return None
         stage = DecoderStage(session, card)
-        key = (entry.deployment, entry.stage, gen["sid"])
-        try:
-            step = self.kv.begin(key, gen["past"], stage.bytes_per_token * total)
-        except CacheMiss as exc:
-            await self._refuse(header, "cache_miss", f"{where}: {exc}")
-            return None
-        except CacheFull as exc:
-            here = short_id(self.mesh.peer_id)
-            await self._refuse(header, "cache_full", f"{where} on {here}: {exc}")
-            return None
+        step = None
+        if stage.pasts:  # a stage with layers keeps their cache; the LM head alone does not
+            step = await self._begin_step(header, tensors, stage, (entry, where))
+            if step is None:
+                return None
         sampling = Sampling(gen["temperature"], gen["top_p"], gen["top_k"], gen["seed"])
         try:
             outputs, presents = await trio.to_thread.run_sync(
-                stage.run, tensors, step.pasts, sampling, gen["step"], limiter=self._compute
+                stage.run,
+                tensors,
+                None if step is None else step.pasts,
+                sampling,
+                gen["step"],
+                limiter=self._compute,
             )
         except InputMismatchError as exc:
-            step.abort()
+            if step is not None:
+                step.abort()
             await self._refuse(header, "invalid_input", f"{where}: {exc}")
             return None
         except BaseException:
-            step.abort()
+            if step is not None:
+                step.abort()
             raise
-        step.commit(presents, total)
+        if step is not None:
+            step.commit(presents, int(tensors["attention_mask"].shape[1]))
         return outputs
+
+    async def _begin_step(
+        self,
+        header: dict[str, Any],
+        tensors: dict[str, np.ndarray],
+        stage: DecoderStage,
+        at: tuple[ServingEntry, str],
+    ) -> Step | None:
+        """Check a step against the session's cache here and reserve its room; None when
+        refused (the requester is told why)."""
+        gen, (entry, where) = header["gen"], at
+        mask = tensors.get("attention_mask")
+        if mask is None or mask.ndim != 2 or mask.shape[0] != 1 or not np.all(mask == 1):
+            shape = None if mask is None else list(mask.shape)
+            problem = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
+            await self._refuse(header, "invalid_input", f"{where}: {problem}")
+            return None
+        total = int(mask.shape[1])
+        if total <= gen["past"]:
+            problem = f"attention_mask covers {total} tokens, not more than {gen['past']} cached"
+            await self._refuse(header, "invalid_input", f"{where}: {problem}")
+            return None
+        key = (entry.deployment, entry.stage, gen["sid"])
+        try:
+            return self.kv.begin(key, gen["past"], stage.bytes_per_token * total)
+        except CacheMiss as exc:
+            await self._refuse(header, "cache_miss", f"{where}: {exc}")
+        except CacheFull as exc:
+            here = short_id(self.mesh.peer_id)
+            await self._refuse(header, "cache_full", f"{where} on {here}: {exc}")
+        return None
 
     async def _forward(
         self,
