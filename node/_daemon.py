@@ -146,8 +146,13 @@ async def run_node(
         fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
         undeployed = started[0].undeployer.markers() if started else []
         capacity = runtime.probe_capacity(throughput).to_dict()
-        if server is not None:  # the planner sees what this node lends, not what is free
+        # The planner sees what this node lends, not what is free.
+        if server is not None:
             capacity["memory_available"] = server.memory_free()
+        elif config.max_memory_bytes is not None and capacity["memory_available"] is not None:
+            capacity["memory_available"] = min(
+                capacity["memory_available"], config.max_memory_bytes
+            )
         return LocalState(capacity, sorted(fragments), serving, undeployed)
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core

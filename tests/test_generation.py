@@ -5,6 +5,7 @@ compares what the mesh streams against the whole model run in one onnxruntime se
 with its KV cache, token for token.
 """
 
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import tokenizers
 from conftest import NodeProcess
 from llm_helpers import card_of, greedy_tokens, imported_smollm2
-from mesh_helpers import formed, mesh_of, wait_until
+from mesh_helpers import formed, identity, mesh_of, wait_until
+from salala.mesh import MeshKey
 from salala.models import LlmCard
 from salala.node import ContextLengthError
 from salala.runtime import ModelSession
@@ -142,3 +144,38 @@ def test_a_prompt_over_the_context_is_refused_before_any_stage_runs(
             client.generate("smol", "hi " * words, max_tokens=4, stream=False)
         status = client.status()
     assert status  # and the node still answers
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_generation_survives_losing_the_middle_stage(
+    tmp_path: Path, model_folder: Path, whole: Whole, how: str
+) -> None:
+    """The middle stage's device dies (or freezes) about 10 tokens into 40: the stage
+    is re-planned onto another node, its cache rebuilt from prompt plus tokens so far,
+    and the text streamed is exactly the undisturbed run's."""
+    prompt, count = "Once upon a time", 40
+    expected = whole.greedy_text(prompt, count)
+    # node-0 asks and holds every fragment (it split the model) but lends no memory, so
+    # the three stages land on the other three, one of which is the victim.
+    key = MeshKey.generate()
+    with mesh_of(tmp_path, 1, key, "--threads", "1", "--max-memory-mb", "1") as first:
+        _, bootstrap = identity(first[0])
+        with mesh_of(tmp_path / "hosts", 3, key, "--threads", "1", "--peer", bootstrap) as hosts:
+            nodes = [*first, *hosts]
+            formed(nodes)
+            with nodes[0].client() as client:
+                client.add_model(model_folder / "model.onnx", "smol")
+                deployment = client.deploy("smol", shards=3)
+            middle = deployment["stages"][1]["peers"][0]
+            victim = next(n for n in hosts if identity(n)[0] == middle)
+            pieces: list[str] = []
+            with nodes[0].client() as client:
+                stream = client.generate("smol", prompt, max_tokens=count, temperature=0.0)
+                for piece in stream:
+                    pieces.append(piece)
+                    if len(pieces) == 10:
+                        victim.process.send_signal(getattr(signal, how))
+            if how == "SIGSTOP":
+                victim.process.send_signal(signal.SIGCONT)
+            assert "".join(pieces) == expected
+            assert stream.result.completion_tokens == count
