@@ -85,7 +85,7 @@ def gguf_to_hf(gguf: Path, folder: Path) -> None:
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise LlmImportError(f"transformers cannot load {gguf}: {exc}") from exc
     # The weights are de-quantized already; without this save_pretrained refuses them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(folder)
