@@ -78,7 +78,9 @@ def source_kind(source: Path) -> str:
 def gguf_to_hf(gguf: Path, folder: Path) -> None:
     """Write a GGUF model as a float32 Hugging Face folder (weights and tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
