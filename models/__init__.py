@@ -1,6 +1,7 @@
 """ONNX graph work: checking, storing by hash, splitting into fragments, text encoding,
-and training packages. ``export_training`` and ``export_digits`` import torch when
-called (the ``export`` extra); nothing else here needs it."""
+training packages and importing language models. ``export_training``, ``export_digits``
+and ``import_llm`` import torch (and transformers, onnxruntime-genai) when called (the
+``export`` extra); nothing else here needs them."""
 
 from ._builtin import DEFAULT_MODEL as DEFAULT_MODEL
 from ._builtin import builtin_models as builtin_models
@@ -14,6 +15,7 @@ from ._digits import digits_mlp as digits_mlp
 from ._digits import export_digits as export_digits
 from ._digits import load_digits as load_digits
 from ._errors import InvalidModelError as InvalidModelError
+from ._errors import LlmImportError as LlmImportError
 from ._errors import ModelError as ModelError
 from ._errors import PathEscapeError as PathEscapeError
 from ._errors import SplitError as SplitError
@@ -27,6 +29,8 @@ from ._fragments import split_stored as split_stored
 from ._fragments import split_stored_at as split_stored_at
 from ._llm_card import LlmCard as LlmCard
 from ._llm_card import llm_card as llm_card
+from ._llm_import import QUANTIZE as QUANTIZE
+from ._llm_import import build_llm as build_llm
 from ._llm_import import import_llm as import_llm
 from ._paths import inside as inside
 from ._quota import GB as GB

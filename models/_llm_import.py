@@ -78,14 +78,16 @@ def source_kind(source: Path) -> str:
 def gguf_to_hf(gguf: Path, folder: Path) -> None:
     """Write a GGUF model as a float32 Hugging Face folder (weights and tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise LlmImportError(f"transformers cannot load {gguf}: {exc}") from exc
     # The weights are de-quantized already; without this save_pretrained refuses them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(folder)
@@ -211,6 +213,33 @@ def make_card(hf: Path, built: Path) -> LlmCard:
     )
 
 
+def build_llm(
+    source: Path, quantize: str, folder: Path, progress: Progress | None = None
+) -> Path:
+    """Write the decoder, tokenizer and card of ``source`` into ``folder`` (scratch work
+    goes there too); returns the ``model.onnx`` path, ready for ``ModelStore.add``."""
+    if quantize not in QUANTIZE:
+        raise LlmImportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
+    source = Path(source)
+    kind = source_kind(source)
+    _require_export_extra()
+    say = progress or (lambda step: None)
+    hf = source
+    if kind == "gguf":
+        say(f"reading {source.name}")
+        hf = folder / "hf"
+        gguf_to_hf(source, hf)
+    say(f"building the ONNX decoder ({_PRECISION[quantize]})")
+    built = folder / "onnx"
+    _build(hf, built, quantize, folder / "cache")
+    if not (built / TOKENIZER_FILE).is_file():
+        raise LlmImportError(f"{source} has no tokenizer the builder could save")
+    say("writing the card")
+    card = make_card(hf, built)
+    (built / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=1))
+    return built / MODEL_FILE
+
+
 def import_llm(
     source: Path,
     name: str,
@@ -224,26 +253,8 @@ def import_llm(
     and ``llm.json`` (see ``LlmCard``). LlmImportError says why an import cannot run.
     """
     check_name(name)
-    if quantize not in QUANTIZE:
-        raise LlmImportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
-    source = Path(source)
-    kind = source_kind(source)
-    _require_export_extra()
-    say = progress or (lambda step: None)
     with tempfile.TemporaryDirectory(prefix=".import-llm-", dir=store.root) as tmp:
-        work = Path(tmp)
-        hf = source
-        if kind == "gguf":
-            say(f"reading {source.name}")
-            hf = work / "hf"
-            gguf_to_hf(source, hf)
-        say(f"building the ONNX decoder ({_PRECISION[quantize]})")
-        built = work / "onnx"
-        _build(hf, built, quantize, work / "cache")
-        if not (built / TOKENIZER_FILE).is_file():
-            raise LlmImportError(f"{source} has no tokenizer the builder could save")
-        say("writing the card")
-        card = make_card(hf, built)
-        (built / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=1))
-        say("storing")
-        return store.add(built / MODEL_FILE, name)
+        model = build_llm(source, quantize, Path(tmp), progress)
+        if progress is not None:
+            progress("storing")
+        return store.add(model, name)

