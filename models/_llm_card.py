@@ -75,9 +75,7 @@ class LlmCard:
         unknown = sorted(str(k) for k in data if k not in names)
         if unknown:
             raise InvalidModelError(f"LLM card has unknown fields: {', '.join(unknown)}")
-        missing = sorted(
-            f.name for f in fields(cls) if f.name not in data and f.default is MISSING
-        )
+        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
         if missing:
             raise InvalidModelError(f"LLM card lacks fields: {', '.join(missing)}")
         eos = data["eos_token_ids"]

@@ -52,8 +52,7 @@ def _require_export_extra() -> None:
     missing = [name for name in _EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise LlmImportError(
-            f"importing a language model needs {', '.join(missing)}: "
-            "pip install 'salala[export]'"
+            f"importing a language model needs {', '.join(missing)}: pip install 'salala[export]'"
         )
 
 
@@ -213,9 +212,7 @@ def make_card(hf: Path, built: Path) -> LlmCard:
     )
 
 
-def build_llm(
-    source: Path, quantize: str, folder: Path, progress: Progress | None = None
-) -> Path:
+def build_llm(source: Path, quantize: str, folder: Path, progress: Progress | None = None) -> Path:
     """Write the decoder, tokenizer and card of ``source`` into ``folder`` (scratch work
     goes there too); returns the ``model.onnx`` path, ready for ``ModelStore.add``."""
     if quantize not in QUANTIZE:

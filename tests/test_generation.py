@@ -5,6 +5,7 @@ compares what the mesh streams against the whole model run in one onnxruntime se
 with its KV cache, token for token.
 """
 
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from llm_helpers import card_of, greedy_tokens, imported_smollm2
 from mesh_helpers import formed, identity, mesh_of, wait_until
 from salala.mesh import MeshKey
 from salala.models import LlmCard
-from salala.node import ContextLengthError
+from salala.node import CannotDeployError, ContextLengthError
 from salala.runtime import ModelSession
 
 pytestmark = pytest.mark.slow
@@ -179,3 +180,22 @@ def test_generation_survives_losing_the_middle_stage(
                 victim.process.send_signal(signal.SIGCONT)
             assert "".join(pieces) == expected
             assert stream.result.completion_tokens == count
+
+
+def test_a_model_too_big_for_one_node_deploys_across_three(
+    tmp_path: Path, model_folder: Path, whole: Whole
+) -> None:
+    """Each node lends 1200 MiB: SmolLM2 in fp32 needs about 2 GB running (weights, a
+    session's working memory, caches at its 8192-token context), so one node cannot
+    take it and three can."""
+    with mesh_of(tmp_path, 3, None, "--threads", "1", "--max-memory-mb", "1200") as nodes:
+        formed(nodes)
+        with nodes[0].client() as client:
+            client.add_model(model_folder / "model.onnx", "smol")
+            with pytest.raises(CannotDeployError, match=r"needs about \d+ MiB") as refused:
+                client.deploy("smol", shards=1)
+            needed = int(re.search(r"needs about (\d+) MiB", str(refused.value))[1])  # type: ignore[index]
+            assert needed > 1200
+            deployment = client.deploy("smol", shards=3)
+        assert len({s["peers"][0] for s in deployment["stages"]}) == 3
+        assert mesh_text(nodes[0], PROMPTS[0], 8) == whole.greedy_text(PROMPTS[0], 8)

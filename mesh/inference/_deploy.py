@@ -16,7 +16,14 @@ import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 
-from ...models import CutAnalysis, ModelStore, StoredModel, analyze, split_stored_at
+from ...models import (
+    CutAnalysis,
+    ModelStore,
+    StoredModel,
+    analyze,
+    llm_card,
+    split_stored_at,
+)
 from .._errors import MeshError
 from .._peerid import short_id
 from ..membership import Mesh
@@ -158,6 +165,10 @@ class Deployer:
         analysis = self._analyses.get(stored.sha256)
         if analysis is None:
             analysis = await trio.to_thread.run_sync(lambda: analyze(onnx.load(str(stored.path))))
+            card = llm_card(stored)
+            if card is not None:  # a language model's stages hold caches at full context
+                per_past = card.kv_bytes_per_token() // (2 * card.num_layers)
+                analysis = analysis.with_caches(per_past * card.context_length)
             self._analyses[stored.sha256] = analysis
         warnings += await self._rejoined(live_at_start, "planned without it")
         peers = self._capacities()

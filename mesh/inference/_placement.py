@@ -66,13 +66,13 @@ def _stage_costs(
 ) -> np.ndarray:
     """seconds[a, b] for nodes points[a]..points[b] on ``peer`` (inf where it does not fit)."""
     flops = analysis.flops_before[points]
-    weights = analysis.weights_before[points]
+    memory = analysis.memory_between(points, MEMORY_FACTOR)
     out_bytes = np.array([analysis.cut_bytes.get(int(p), 0) for p in points], dtype=float)
     compute = (flops[None, :] - flops[:, None]) / max(peer.gflops, 1e-3) / 1e9
     send = out_bytes[None, :] / bandwidth + peer.rtt_ms / 2000
     send[:, -1] = 0.0  # the last stage's output goes back to the requester, not on
     seconds = compute + send
-    fits = (weights[None, :] - weights[:, None]) * MEMORY_FACTOR <= peer.memory_available
+    fits = memory <= peer.memory_available
     valid = np.triu(np.ones_like(seconds, dtype=bool), k=1) & fits
     return np.where(valid, seconds, np.inf)
 
@@ -112,7 +112,13 @@ def plan_placement(
         raise PlacementError("no peers to place the model on")
     if replicas < 1:
         raise PlacementError(f"replicas must be at least 1, not {replicas}")
-    ranked = sorted(peers, key=lambda p: (-p.gflops, p.rtt_ms, p.peer_id))
+    # A peer that cannot hold even the smallest stretch between two cuts takes no stage
+    # (a phone lending little memory must not displace a laptop from the fastest few).
+    points = np.array([0] + [c.position for c in analysis.cuts] + [analysis.nodes])
+    memory = analysis.memory_between(points, MEMORY_FACTOR)
+    smallest = min(memory[i, i + 1] for i in range(len(points) - 1))
+    able = [p for p in peers if p.memory_available >= smallest] or peers  # error below
+    ranked = sorted(able, key=lambda p: (-p.gflops, p.rtt_ms, p.peer_id))
     fragments = len(analysis.cuts) + 1
     if shards and shards > min(fragments, MAX_SHARDS):
         raise PlacementError(
@@ -130,7 +136,15 @@ def plan_placement(
                 options[n] = (found[0], found[1], order)
     feasible = options
     if not feasible:
-        raise PlacementError("no placement fits the peers' free memory; add devices or free memory")
+        whole = analysis.memory_between(np.array([0, analysis.nodes]), MEMORY_FACTOR)[0, 1]
+        most = max(p.memory_available for p in peers)
+        split = f"in {shards} shards " if shards else ""
+        raise PlacementError(
+            f"no placement {split}fits: the model needs about {whole / 2**20:.0f} MiB of "
+            f"memory in all ({MEMORY_FACTOR:g} x its weights, plus its caches at full "
+            f"context), and the {len(peers)} peer(s) lend at most {most / 2**20:.0f} MiB "
+            "each; add devices or free memory"
+        )
     best = min(found[0] for found in feasible.values())
     count = min(n for n, found in feasible.items() if found[0] <= best * AUTO_TOLERANCE)
     _, path, primaries = feasible[count]
@@ -165,7 +179,7 @@ def _replicas(
     used: Counter[str],
 ) -> list[str]:
     """Peers to hold a copy: idle in the pipeline first, least used as replicas, fastest."""
-    need = (analysis.weights_before[end] - analysis.weights_before[start]) * MEMORY_FACTOR
+    need = analysis.memory_between(np.array([start, end]), MEMORY_FACTOR)[0, 1]
     busy = {p.peer_id for p in primaries}
     spare = sorted(
         (p for p in ranked if p != primary and p.memory_available >= need),
