@@ -14,7 +14,6 @@ import trio
 from .. import models
 from ._errors import BadRequestError, UnknownModelError
 from ._generation import EMBEDDING, Embeddings, GenerationEvent, GenerationRequest, ModelInfo
-from ._protocol import decode_tensors, encode_tensors
 from ._service import NodeService
 
 MAX_TEXTS = 256
@@ -44,8 +43,8 @@ class NodeBackend:
         if not 1 <= len(texts) <= MAX_TEXTS:
             raise BadRequestError(f"embed 1 to {MAX_TEXTS} texts at a time")
         inputs = await trio.to_thread.run_sync(models.encode_texts, texts)
-        result = await self.service.infer({"model": model, "inputs": encode_tensors(inputs)})
-        hidden = decode_tensors(result["outputs"])["last_hidden_state"]
+        outputs, _ = await self.service.run(model, inputs)
+        hidden = outputs["last_hidden_state"]
         mask = inputs["attention_mask"]
         vectors = models.sentence_embeddings(hidden, mask).astype(np.float32)
         return Embeddings(vectors, int(mask.sum()))

@@ -12,7 +12,7 @@ Both build the same :mod:`._calls`; they differ only in how bytes move.
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,7 +164,7 @@ class Client:
             self.close()
             raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
 
-    def _frames(self, call: calls.Call[T]) -> Iterator[None]:
+    def _frames(self, call: calls.Call[T]) -> Generator[None, None, None]:
         """The I/O of ``_call``, yielding after each frame (for streamed events)."""
         request_id = next(self._ids)
         try:

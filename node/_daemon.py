@@ -149,10 +149,10 @@ async def run_node(
         # The planner sees what this node lends, not what is free.
         if server is not None:
             capacity["memory_available"] = server.memory_free()
-        elif config.max_memory_bytes is not None and capacity["memory_available"] is not None:
-            capacity["memory_available"] = min(
-                capacity["memory_available"], config.max_memory_bytes
-            )
+        elif config.max_memory_bytes is not None:
+            free = capacity["memory_available"]
+            if isinstance(free, int):
+                capacity["memory_available"] = min(free, config.max_memory_bytes)
         return LocalState(capacity, sorted(fragments), serving, undeployed)
 
     compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from .. import models, runtime
@@ -222,8 +223,16 @@ class NodeService:
             return session
 
     async def infer(self, params: dict[str, Any]) -> dict[str, Any]:
-        name = _param(params, "model", str)
-        inputs = decode_tensors(params.get("inputs"))
+        outputs, trace = await self.run(
+            _param(params, "model", str), decode_tensors(params.get("inputs"))
+        )
+        route = [{"stage": s, "peer": p, "short_id": short_id(p), "ms": ms} for s, p, ms in trace]
+        return {"outputs": encode_tensors(outputs), "route": route}
+
+    async def run(
+        self, name: str, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """Run a model: through the mesh if it is deployed there, else stored here."""
         if name in self.inference.router.deployments():
             size = sum(a.nbytes for a in inputs.values())
             if size > self.max_tensor_bytes:
@@ -231,16 +240,12 @@ class NodeService:
                     f"tensors of {size} bytes exceed the limit of {self.max_tensor_bytes} "
                     "(--max-tensor-mb)"
                 )
-            outputs, trace = await self.inference.router.infer(name, inputs)
-            route = [
-                {"stage": s, "peer": p, "short_id": short_id(p), "ms": ms} for s, p, ms in trace
-            ]
-            return {"outputs": encode_tensors(outputs), "route": route}
+            return await self.inference.router.infer(name, inputs)
         stored = self.store.get(name)
         session = await self._session(stored)
         session.check_inputs(inputs)  # refuse cheaply before waiting for a compute slot
         outputs = await trio.to_thread.run_sync(session.run, inputs, limiter=self._compute)
-        return {"outputs": encode_tensors(outputs), "route": []}
+        return outputs, []
 
     async def generate(
         self, params: dict[str, Any], emit: Callable[[dict[str, Any]], Awaitable[None]]

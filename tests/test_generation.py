@@ -5,19 +5,24 @@ compares what the mesh streams against the whole model run in one onnxruntime se
 with its KV cache, token for token.
 """
 
+import json
 import re
 import signal
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import openai
 import pytest
 import tokenizers
 from conftest import NodeProcess
 from llm_helpers import card_of, greedy_tokens, imported_smollm2
 from mesh_helpers import formed, identity, mesh_of, wait_until
 from salala.mesh import MeshKey
-from salala.models import LlmCard
+from salala.models import LlmCard, encode_texts, sentence_embeddings
 from salala.node import CannotDeployError, ContextLengthError
 from salala.runtime import ModelSession
 
@@ -54,11 +59,11 @@ def whole(model_folder: Path) -> Whole:
 
 
 @pytest.fixture(scope="module")
-def smol_mesh(tmp_path_factory: pytest.TempPathFactory, model_folder: Path) -> Iterator[
-    list[NodeProcess]
-]:
+def smol_mesh(
+    tmp_path_factory: pytest.TempPathFactory, model_folder: Path
+) -> Iterator[list[NodeProcess]]:
     root = tmp_path_factory.mktemp("llm-mesh")
-    with mesh_of(root, 3, None, "--threads", "1") as nodes:
+    with mesh_of(root, 3, None, "--threads", "1", "--http", "127.0.0.1:0") as nodes:
         formed(nodes)
         with nodes[0].client() as client:
             client.add_model(model_folder / "model.onnx", "smol")
@@ -199,3 +204,84 @@ def test_a_model_too_big_for_one_node_deploys_across_three(
             deployment = client.deploy("smol", shards=3)
         assert len({s["peers"][0] for s in deployment["stages"]}) == 3
         assert mesh_text(nodes[0], PROMPTS[0], 8) == whole.greedy_text(PROMPTS[0], 8)
+
+
+@pytest.fixture(scope="module")
+def api(smol_mesh: list[NodeProcess]) -> Iterator[openai.OpenAI]:
+    """The real openai client on node-0's --http (loopback, so no key is needed)."""
+    found = wait_until(
+        lambda: re.search(r"HTTP API on (http://\S+)", smol_mesh[0].log()), 30, "the HTTP API"
+    )
+    with openai.OpenAI(base_url=f"{found[1]}/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def test_an_openai_client_streams_the_same_chat_as_node_generate(
+    smol_mesh: list[NodeProcess], api: openai.OpenAI
+) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with smol_mesh[0].client() as client:
+        expected = client.generate(
+            "smol", messages=messages, max_tokens=20, temperature=0.0, stream=False
+        )
+    chunks = api.chat.completions.create(
+        model="smol",
+        messages=messages,
+        max_tokens=20,
+        temperature=0.0,
+        stream=True,  # type: ignore[arg-type]
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == expected.text and text
+    completion = api.completions.create(
+        model="smol", prompt=PROMPTS[0], max_tokens=8, temperature=0.0
+    )
+    assert completion.choices[0].text == mesh_text(smol_mesh[0], PROMPTS[0], 8)
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    assert "smol" in {m.id for m in api.models.list()}
+
+
+def test_openai_embeddings_equal_node_infer(
+    smol_mesh: list[NodeProcess], api: openai.OpenAI
+) -> None:
+    texts = ["a cat sits on the mat", "the stock market fell"]
+    inputs = encode_texts(texts)
+    with smol_mesh[0].client() as client:
+        hidden = client.infer("minilm", inputs)["last_hidden_state"]
+    expected = sentence_embeddings(hidden, inputs["attention_mask"])
+    got = api.embeddings.create(model="minilm", input=texts, encoding_format="float")
+    vectors = np.array([item.embedding for item in got.data])
+    assert np.abs(vectors - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
+        ({"model": "smol", "prompt": "hi", "max_tokens": -1}, 400, None),
+        ({"model": "smol", "prompt": "hi", "temperature": 3}, 400, None),
+        (
+            {"model": "smol", "prompt": "hi " * 9000, "max_tokens": 4},
+            400,
+            "context_length_exceeded",
+        ),
+        (b"{not json", 400, None),
+    ],
+)
+def test_bad_requests_get_their_4xx_and_the_node_keeps_serving(
+    smol_mesh: list[NodeProcess],
+    api: openai.OpenAI,
+    body: dict[str, object] | bytes,
+    status: int,
+    code: str | None,
+) -> None:
+    url = f"{api.base_url}completions"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == status
+    error = json.loads(refused.value.read())["error"]
+    assert error["message"] and (code is None or error["code"] == code)
+    completion = api.completions.create(model="smol", prompt="Hi", max_tokens=2, temperature=0)
+    assert completion.choices[0].text

@@ -148,12 +148,12 @@ def plan_placement(
     best = min(found[0] for found in feasible.values())
     count = min(n for n, found in feasible.items() if found[0] <= best * AUTO_TOLERANCE)
     _, path, primaries = feasible[count]
-    points = [0] + [c.position for c in analysis.cuts] + [analysis.nodes]
+    positions = [0] + [c.position for c in analysis.cuts] + [analysis.nodes]
     by_position = {c.position: c for c in analysis.cuts}
     stages = []
     used: Counter[str] = Counter()  # replicas spread out, so one loss never takes two
     for index, (a, b) in enumerate(pairwise(path)):
-        start, end = points[a], points[b]
+        start, end = positions[a], positions[b]
         peer = primaries[index]
         seconds = _stage_costs(analysis, np.array([start, end]), peer, bandwidth)[0, 1]
         extra = _replicas(analysis, start, end, peer, ranked, primaries, replicas - 1, used)
