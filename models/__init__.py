@@ -3,8 +3,10 @@ training packages and importing language models. ``export_training``, ``export_d
 and ``import_llm`` import torch (and transformers, onnxruntime-genai) when called (the
 ``export`` extra); nothing else here needs them."""
 
+from ._builtin import DEFAULT_LLM as DEFAULT_LLM
 from ._builtin import DEFAULT_MODEL as DEFAULT_MODEL
 from ._builtin import builtin_models as builtin_models
+from ._builtin import smollm2_gguf as smollm2_gguf
 from ._chat import ChatTemplateError as ChatTemplateError
 from ._chat import check_messages as check_messages
 from ._chat import render_chat as render_chat

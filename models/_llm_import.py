@@ -20,7 +20,9 @@ gguf, accelerate and onnxruntime-genai are imported only here, inside the functi
 (the ``export`` extra); nodes run the result with onnxruntime, numpy and tokenizers.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -81,8 +83,11 @@ def gguf_to_hf(gguf: Path, folder: Path) -> None:
 
     hf_logging.disable_progress_bar()  # the caller shows its own progress
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF reader draws its own tqdm bar on stderr, beyond transformers' switch;
+        # failures still arrive as exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise LlmImportError(f"transformers cannot load {gguf}: {exc}") from exc
     # The weights are de-quantized already; without this save_pretrained refuses them.

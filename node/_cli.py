@@ -873,11 +873,21 @@ def demo(
     nodes: Annotated[int, typer.Option(help="Nodes to start on loopback.")] = 3,
     text: Annotated[Optional[list[str]], typer.Option(help="Texts to embed.")] = None,  # noqa: UP045
     root: Annotated[Optional[Path], typer.Option(help="Folder for the nodes' data.")] = None,  # noqa: UP045
+    llm: Annotated[
+        bool, typer.Option("--llm", help="Generate text with SmolLM2 instead of embedding.")
+    ] = False,
+    prompt: Annotated[str, typer.Option(help="What to ask SmolLM2 (with --llm).")] = (
+        "Explain in two sentences why the sky is blue."
+    ),
+    quantize: Annotated[str, typer.Option(help="none, int8 or int4 (with --llm).")] = "int4",
 ) -> None:
-    """Start a local mesh, shard the default model across it, embed text, stop."""
-    from ._demo import run_demo
+    """Start a local mesh, shard a model across it (MiniLM, or SmolLM2 with --llm), stop."""
+    from ._demo import run_demo, run_llm_demo
 
-    run_demo(nodes, text or list(DEMO_TEXTS), root)
+    if llm:
+        run_llm_demo(nodes, prompt, quantize, root)
+    else:
+        run_demo(nodes, text or list(DEMO_TEXTS), root)
 
 
 DEMO_TEXTS = ("A man is playing a guitar on stage.", "Someone performs music with a guitar.")

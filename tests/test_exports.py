@@ -169,6 +169,8 @@ SURFACES = {
         "make_optimizer",
     },
     "salala.models": {
+        "DEFAULT_LLM",
+        "smollm2_gguf",
         "ChatTemplateError",
         "check_messages",
         "render_chat",
