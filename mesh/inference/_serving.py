@@ -108,7 +108,8 @@ class ServingEntry:
 
 
 def _warm(session: ModelSession, card: LlmCard | None) -> None:
-    """One run on zeros so the first real request does not pay for allocation."""
+    """One run on zeros so the first real request does not pay for allocation (a
+    decoder stage: a prefill of 8 tokens into an empty cache, all of them attended)."""
     feeds = DecoderStage(session, card).empty_cache() if card is not None else {}
     for spec in session.inputs:
         if spec.name in feeds:
@@ -117,7 +118,8 @@ def _warm(session: ModelSession, card: LlmCard | None) -> None:
             d if isinstance(d, int) and d > 0 else (1 if i == 0 else 8)
             for i, d in enumerate(spec.shape)
         ]
-        feeds[spec.name] = np.zeros(shape, dtype=spec.dtype or np.float32)
+        fill = 1 if card is not None and spec.name == "attention_mask" else 0
+        feeds[spec.name] = np.full(shape, fill, dtype=spec.dtype or np.float32)
     try:
         session.run(feeds)
     except InputMismatchError:
