@@ -21,7 +21,7 @@ import tokenizers
 from conftest import NodeProcess
 from llm_helpers import card_of, greedy_tokens, imported_smollm2
 from mesh_helpers import formed, identity, mesh_of, wait_until
-from salala.mesh import MeshKey
+from salala.mesh import MeshKey, short_id
 from salala.models import LlmCard, encode_texts, sentence_embeddings
 from salala.node import CannotDeployError, ContextLengthError
 from salala.runtime import ModelSession
@@ -285,3 +285,23 @@ def test_bad_requests_get_their_4xx_and_the_node_keeps_serving(
     assert error["message"] and (code is None or error["code"] == code)
     completion = api.completions.create(model="smol", prompt="Hi", max_tokens=2, temperature=0)
     assert completion.choices[0].text
+
+
+def test_a_node_without_room_for_a_session_says_so_and_a_replica_serves(
+    tmp_path: Path, model_folder: Path, whole: Whole
+) -> None:
+    """Two replicas of the whole model; the asking node lends no cache memory, so it
+    refuses the session (cache_full) and the other replica generates it."""
+    key = MeshKey.generate()
+    with mesh_of(tmp_path / "a", 1, key, "--threads", "1", "--kv-cache-mb", "0") as first:
+        _, bootstrap = identity(first[0])
+        with mesh_of(tmp_path / "b", 1, key, "--threads", "1", "--peer", bootstrap) as second:
+            nodes = [*first, *second]
+            formed(nodes)
+            with nodes[0].client() as client:
+                client.add_model(model_folder / "model.onnx", "smol")
+                deployment = client.deploy("smol", shards=1, replicas=2)
+            assert len(deployment["stages"][0]["peers"]) == 2
+            assert mesh_text(nodes[0], PROMPTS[1], 12) == whole.greedy_text(PROMPTS[1], 12)
+            asker = short_id(identity(nodes[0])[0])
+            assert f"replaying without {asker}" in nodes[0].log()  # it refused itself
