@@ -15,6 +15,7 @@ from conftest import NodeProcess, minilm_inputs
 from libp2p.abc import INetStream
 from member_attacks import member_of, rss, sha256_of
 from mesh_helpers import formed, identity, serving_minilm
+from salala.mesh.inference._card import PROTOCOL as CARD
 from salala.mesh.inference._deploy import PROTOCOL as DEPLOY
 from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.training._server import PROTOCOL as TRAIN
@@ -78,6 +79,17 @@ async def test_an_unknown_codec_is_refused_at_deploy_naming_it(node: NodeProcess
     assert "'zip'" in reply["error"] and all(c in reply["error"] for c in ("raw", "fp16", "int8"))
 
 
+GEN_STEP = {
+    "sid": "0" * 32,
+    "past": 0,
+    "step": 0,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "seed": 0,
+}
+
+
 def infer_header(member_id: str, node_id: str, **changes: Any) -> dict[str, Any]:
     return {
         "kind": "infer",
@@ -102,6 +114,10 @@ def infer_header(member_id: str, node_id: str, **changes: Any) -> dict[str, Any]
         ({"trace": [[0, "p", "slow"]]}, "trace[0][1]"),
         ({"attempt": -1}, "attempt"),
         ({"extra": {"deep": [1] * 10}}, "extra"),
+        ({"gen": {**GEN_STEP, "sid": "../../x"}}, "gen.sid"),
+        ({"gen": {**GEN_STEP, "past": -1}}, "gen.past"),
+        ({"gen": {**GEN_STEP, "temperature": float("nan")}}, "gen.temperature"),
+        ({"gen": {**GEN_STEP, "top_p": 0.0}}, "gen"),
     ],
 )
 async def test_malformed_routes_and_fields_are_refused_naming_the_field(
@@ -114,6 +130,31 @@ async def test_malformed_routes_and_fields_are_refused_naming_the_field(
         refusal = await member.refusal(header["rid"])
     assert refusal["code"] == "bad_request"
     assert refusal["field"] == field, refusal["message"]
+
+
+async def test_a_generation_step_for_a_stage_that_is_no_decoder_is_refused(
+    target: list[NodeProcess], node: NodeProcess
+) -> None:
+    """A well-formed generation step aimed at a MiniLM stage: refused by name, and the
+    stage keeps serving."""
+    current, _, hosts = real_plan(target)
+    node_id, _ = identity(node)
+    stage = next(i for i, peers in enumerate(hosts) if node_id in peers)
+    async with member_of(node) as member:
+        header = infer_header(
+            member.peer_id,
+            node_id,
+            dep=current,
+            stage=stage,
+            route=[node_id] * len(hosts),
+            downstream=[["input_ids"]] * len(hosts),
+            gen=GEN_STEP,
+        )
+        await member.send_frame(INFER, header, minilm_inputs(batch=1, tokens=4))
+        refusal = await member.refusal(header["rid"])
+    assert refusal["code"] == "invalid_input"
+    assert "not part of a language model" in refusal["message"]
+    still_serving(node)
 
 
 async def test_a_frame_missing_its_request_fields_resets_only_its_stream(
@@ -264,6 +305,10 @@ async def test_control_messages_that_fail_their_schema_get_the_field_named(
         assert reply["field"] == "offset"
         reply = await member.ask(DEPLOY, {"entry": entry(node, model="../x"), "sources": []})
         assert reply["field"] == "entry.model"
+        reply = await member.ask(CARD, {"fragment": "../../identity.key"})
+        assert reply["field"] == "fragment"
+        reply = await member.ask(CARD, {"fragment": "ab" * 32})  # not a stage it hosts
+        assert "no card" in reply["error"] and "card" not in reply
 
 
 def real_plan(nodes: list[NodeProcess]) -> tuple[str, list[dict[str, Any]], list[list[str]]]:

@@ -33,7 +33,15 @@ TIMEOUT_S = 30.0
 
 CARD_REQUEST = record({"fragment": SHA256})
 CARD_REPLY = where(
-    record({}, {"card": blob(MAX_CARD), "tokenizer": blob(MAX_TOKENIZER), "error": text(1024)}),
+    record(
+        {},
+        {
+            "card": blob(MAX_CARD),
+            "tokenizer": blob(MAX_TOKENIZER),
+            "error": text(1024),
+            "field": text(256),
+        },
+    ),
     lambda r: ("error" in r) != ("card" in r and "tokenizer" in r),
     "a reply holds the card and the tokenizer, or an error",
 )
@@ -59,7 +67,7 @@ async def serve_card(
         try:
             request = await read_message(stream, CARD_REQUEST)
         except SchemaError as exc:
-            await write_message(stream, {"error": str(exc)})
+            await write_message(stream, {"error": str(exc), "field": exc.field})
             return
         fragment = request["fragment"]
         found = None
