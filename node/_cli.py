@@ -622,9 +622,9 @@ def chat(
     history: list[dict[str, str]] = []
     if system:
         history.append({"role": "system", "content": system})
-    console.print(f"[dim]chatting with {model}; Ctrl-D or Ctrl-C leaves[/]")
-    with connect(data_dir) as node:
-        try:
+    try:
+        with connect(data_dir) as node:
+            console.print(f"[dim]chatting with {model}; Ctrl-D or Ctrl-C leaves[/]")
             while True:
                 try:
                     line = input("> ")
@@ -643,8 +643,8 @@ def chat(
                 )
                 answer = "".join(_stream_chunks(pieces))
                 history.append({"role": "assistant", "content": answer})
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass  # leaving is what Ctrl-C means here, at the prompt or mid-answer
     sys.stdout.write("\n")
 
 

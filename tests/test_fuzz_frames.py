@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from member_attacks import Member, member_of, rss
 from mesh_helpers import identity, serving_minilm
+from salala.mesh.inference._card import CARD_REQUEST
+from salala.mesh.inference._card import PROTOCOL as CARD
 from salala.mesh.inference._deploy import PROTOCOL as DEPLOY
 from salala.mesh.inference._headers import HOST_REQUEST, INFER_FRAME
 from salala.mesh.inference._serving import PROTOCOL as INFER
@@ -78,9 +80,19 @@ def valid_messages() -> dict[str, tuple[Check, dict[str, Any], bool]]:
                 "downstream": [["x"]],
                 "trace": [],
                 "tensors": [TENSOR],
+                "gen": {
+                    "sid": "0" * 32,
+                    "past": 0,
+                    "step": 0,
+                    "temperature": 0.7,
+                    "top_p": 0.9,
+                    "top_k": 40,
+                    "seed": 1,
+                },
             },
             True,
         ),
+        CARD: (CARD_REQUEST, {"fragment": "ab" * 32}, False),
         TRAIN: (TRAIN_FRAME, {**setup_header(PEER), "tensors": [TENSOR]}, True),
         FETCH_PROTOCOL: (FETCH_REQUEST, {"sha256": "ab" * 32, "offset": 0}, False),
         SYNC_PROTOCOL: (SYNC, {"digest": {PEER: [1, 2]}, "adverts": []}, False),

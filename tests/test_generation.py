@@ -8,6 +8,7 @@ with its KV cache, token for token.
 import json
 import re
 import signal
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -305,3 +306,66 @@ def test_a_node_without_room_for_a_session_says_so_and_a_replica_serves(
             assert mesh_text(nodes[0], PROMPTS[1], 12) == whole.greedy_text(PROMPTS[1], 12)
             asker = short_id(identity(nodes[0])[0])
             assert f"replaying without {asker}" in nodes[0].log()  # it refused itself
+
+
+SALALA = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "salala")
+
+
+def test_salala_generate_streams_the_whole_models_text(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    done = subprocess.run(
+        [
+            SALALA,
+            "generate",
+            "smol",
+            PROMPTS[1],
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--data-dir",
+            str(smol_mesh[1].data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == whole.greedy_text(PROMPTS[1], 16) + "\n"
+
+
+def test_salala_chat_keeps_history_and_leaves_cleanly(smol_mesh: list[NodeProcess]) -> None:
+    chat = subprocess.Popen(
+        [
+            SALALA,
+            "chat",
+            "smol",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--data-dir",
+            str(smol_mesh[0].data_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = chat.communicate("What is 2 + 2?\nAnd 3 + 3?\n", timeout=300)  # then EOF
+    assert chat.returncode == 0, err
+    assert out.count("> ") == 3 and "Traceback" not in err  # two answers, then EOF leaves
+    interrupted = subprocess.Popen(
+        [SALALA, "chat", "smol", "--data-dir", str(smol_mesh[0].data_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert interrupted.stdout is not None
+    assert "chatting with smol" in interrupted.stdout.readline()  # now waiting at its prompt
+    interrupted.send_signal(signal.SIGINT)
+    out, err = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 0 and "Traceback" not in err, err
