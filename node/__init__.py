@@ -6,7 +6,10 @@ outputs = node.infer("minilm", {"input_ids": ..., "attention_mask": ..., "token_
 """
 
 from ._client import AsyncClient as AsyncClient
+from ._client import AsyncGenerationStream as AsyncGenerationStream
 from ._client import Client as Client
+from ._client import Generated as Generated
+from ._client import GenerationStream as GenerationStream
 from ._client import connect as connect
 from ._client import connect_async as connect_async
 from ._errors import BadRequestError as BadRequestError

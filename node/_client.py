@@ -53,8 +53,8 @@ CallFor = Callable[[Callable[[str], None], calls.Generated], "calls.Call[calls.G
 
 
 class GenerationStream(Iterator[str]):
-    """Text pieces as the mesh generates them, on a connection of their own (leaving
-    the loop early closes it, which stops the generation). ``result`` holds the
+    """Text pieces as the mesh generates them, on a connection of their own.
+    ``close()`` (or leaving a ``with`` block) stops the generation; ``result`` holds the
     finish reason and token counts once the stream has ended."""
 
     def __init__(self, client: "Client", call_for: "CallFor") -> None:
@@ -73,8 +73,15 @@ class GenerationStream(Iterator[str]):
         return self._pending.pop(0)
 
     def close(self) -> None:
+        """Stop the generation (if it still runs) and drop its connection."""
         self._frames.close()
         self._client.close()
+
+    def __enter__(self) -> "GenerationStream":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class AsyncGenerationStream(AsyncIterator[str]):
@@ -108,9 +115,16 @@ class AsyncGenerationStream(AsyncIterator[str]):
                 await self.aclose()
 
     async def aclose(self) -> None:
+        """Stop the generation (if it still runs) and drop its connection."""
         self._done = True
         if self._client is not None:
             await self._client.aclose()
+
+    async def __aenter__(self) -> "AsyncGenerationStream":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 CONNECT_TIMEOUT_S = 5.0

@@ -8,6 +8,9 @@ import pytest
 
 SURFACES = {
     "salala.node": {
+        "AsyncGenerationStream",
+        "Generated",
+        "GenerationStream",
         "connect",
         "connect_async",
         "Client",

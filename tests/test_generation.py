@@ -24,7 +24,12 @@ from llm_helpers import card_of, greedy_tokens, imported_smollm2
 from mesh_helpers import formed, identity, mesh_of, wait_until
 from salala.mesh import MeshKey, short_id
 from salala.models import LlmCard, encode_texts, sentence_embeddings
-from salala.node import CannotDeployError, ContextLengthError
+from salala.node import (
+    AsyncGenerationStream,
+    CannotDeployError,
+    ContextLengthError,
+    connect_async,
+)
 from salala.runtime import ModelSession
 
 pytestmark = pytest.mark.slow
@@ -369,3 +374,28 @@ def test_salala_chat_keeps_history_and_leaves_cleanly(smol_mesh: list[NodeProces
     interrupted.send_signal(signal.SIGINT)
     out, err = interrupted.communicate(timeout=60)
     assert interrupted.returncode == 0 and "Traceback" not in err, err
+
+
+async def test_the_trio_face_streams_and_returns_whole_answers(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    async with await connect_async(smol_mesh[2].data_dir) as node:
+        stream = node.generate("smol", PROMPTS[0], max_tokens=10, temperature=0.0)
+        assert isinstance(stream, AsyncGenerationStream)
+        pieces = [piece async for piece in stream]
+        result = await node.generate(  # type: ignore[misc]
+            "smol", PROMPTS[0], max_tokens=10, temperature=0.0, stream=False
+        )
+    assert "".join(pieces) == result.text == whole.greedy_text(PROMPTS[0], 10)
+    assert stream.result.completion_tokens == 10
+
+
+def test_leaving_a_stream_early_stops_it_and_the_node_serves_on(
+    smol_mesh: list[NodeProcess], whole: Whole
+) -> None:
+    with smol_mesh[0].client() as client:
+        with client.generate("smol", PROMPTS[0], max_tokens=500, temperature=0.0) as pieces:
+            assert next(iter(pieces))
+        assert client.generate(
+            "smol", PROMPTS[1], max_tokens=6, temperature=0.0, stream=False
+        ).text == whole.greedy_text(PROMPTS[1], 6)
