@@ -12,7 +12,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import churn, codecs, inference, local, mesh_join, training, transport
+from . import churn, codecs, generation, inference, local, mesh_join, training, transport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -24,6 +24,14 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
     "churn": ("1,000 requests while stage hosts are killed and restarted every 10 s", churn.run),
     "codecs": ("Activation codecs: MiniLM in 3 fragments, 32 real sentences", codecs.run),
+    "generation": (
+        "SmolLM2-135M generation: one session, the mesh, llama.cpp (greedy, 32 tokens)",
+        generation.run,
+    ),
+}
+TARGETS: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
+    "inference": inference.targets,
+    "generation": generation.targets,
 }
 
 
@@ -52,15 +60,16 @@ def main(names: list[str]) -> None:
         "platform": platform.platform(),
         "onnxruntime": ort.__version__,
     }
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     for name in names or list(BENCHMARKS):
         title, run = BENCHMARKS[name]
         rows = run()
         extra: dict[str, Any] = {}
-        if name == "inference":
-            extra["targets"] = inference.targets(rows)
-            inference.plot(rows, RESULTS / "inference.png")
+        if name in TARGETS:
+            extra["targets"] = TARGETS[name](rows)
             console.print(extra["targets"])
+        if name == "inference":
+            inference.plot(rows, RESULTS / "inference.png")
         (RESULTS / f"{name}.json").write_text(
             json.dumps({"title": title, "machine": machine, "rows": rows, **extra}, indent=2)
         )
