@@ -332,7 +332,7 @@ def _not_built(exc: ImportError) -> str:
     if lines and lines[-1] == "exit status 124":
         return "not built: compiling llama-cpp-python took over the time limit in `make bench`"
     errors = [line.strip() for line in lines if "error" in line.lower()]
-    return f"not built: {(errors or lines or ['no output'])[-1][:200]} (see {LLAMA_LOG})"
+    return f"not built: {(errors or lines[-1:] or ['no output'])[0][:200]} (see {LLAMA_LOG})"
 
 
 def run() -> list[dict[str, Any]]:
