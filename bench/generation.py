@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import psutil
 import tokenizers
-from salala.models import ModelStore, split_stored
+from salala.models import ModelStore, smollm2_gguf, split_stored
 from salala.node import Client, connect
 from salala.node._launch import LocalNode, local_mesh
 from salala.node._paths import DataDir
 from salala.runtime import ModelSession, measure_throughput
 
-from ._smollm2 import card_of, greedy_tokens, imported_smollm2, smollm2_gguf
+from ._smollm2 import card_of, greedy_tokens, imported_smollm2
 
 MODEL = "smol"
 DECODE_TOKENS = 32
