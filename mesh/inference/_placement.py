@@ -1,8 +1,9 @@
 """Placement: which contiguous fragments go to which peers. Pure; no I/O.
 
 A pipeline runs at the pace of its slowest stage, so we minimise the slowest stage's
-time: its compute (FLOPs over the peer's *measured* GFLOP/s) plus sending its activation
-on (bytes over bandwidth, plus half the RTT). A stage must fit the peer's free memory.
+time: its compute (FLOPs over the peer's *measured* GFLOP/s, or reading its weights
+once, whichever is slower) plus sending its activation on (bytes over bandwidth, plus
+half the RTT). A stage must fit the peer's free memory.
 Unlike splitting by memory alone (exo) or into equal slices (distributed-llama), a fast
 device with little memory and a big slow one each get the share they can carry.
 
@@ -22,6 +23,10 @@ from ...models import Cut, CutAnalysis
 from .._errors import MeshError
 
 DEFAULT_BANDWIDTH = 100e6  # bytes/s; a LAN. Not measured yet.
+# bytes/s a device reads its weights at; not measured yet. Decoding one token reads
+# every weight once and does little arithmetic on each, so it is this, not FLOP/s, that
+# sets a language model stage's pace (a roofline: the slower of the two counts).
+DEFAULT_MEMORY_BANDWIDTH = 10e9
 MEMORY_FACTOR = 3.0  # a session needs about this many times its weight bytes
 AUTO_TOLERANCE = 1.05
 MAX_SHARDS = 16
@@ -68,7 +73,8 @@ def _stage_costs(
     flops = analysis.flops_before[points]
     memory = analysis.memory_between(points, MEMORY_FACTOR)
     out_bytes = np.array([analysis.cut_bytes.get(int(p), 0) for p in points], dtype=float)
-    compute = (flops[None, :] - flops[:, None]) / max(peer.gflops, 1e-3) / 1e9
+    arithmetic = (flops[None, :] - flops[:, None]) / max(peer.gflops, 1e-3) / 1e9
+    compute = np.maximum(arithmetic, analysis.weights_between(points) / DEFAULT_MEMORY_BANDWIDTH)
     send = out_bytes[None, :] / bandwidth + peer.rtt_ms / 2000
     send[:, -1] = 0.0  # the last stage's output goes back to the requester, not on
     seconds = compute + send
