@@ -6,9 +6,14 @@ stage extends its cache for the session, and the last stage samples the next tok
 The session keeps its route while it works. When a stage dies, freezes or loses the
 session's cache, the router's replay lands on a stage without that cache, which says
 so; the session then starts afresh (a new session id) on a route avoiding the failed
-peers and prefills prompt plus generated tokens, which rebuilds every cache. Sampling
-is seeded per step (see ``_sampling``), so the caller's stream never repeats or drops a
-token, and greedy or seeded text equals an undisturbed run's.
+peers, and replays what it had: the prompt in one pass, then each generated token in a
+step of its own. Those are the very computations the first caches came from, so the
+rebuilt caches hold the same bits; prefilling prompt and tokens in one pass would be
+faster but is not exact where kernels differ by shape (an int4 model's MatMulNBits
+gives other low bits for 40 rows than for 1, and greedy text then drifts). Replayed
+steps' tokens are dropped, and sampling is seeded per step (see ``_sampling``), so the
+caller's stream never repeats or drops a token, and greedy or seeded text equals an
+undisturbed run's.
 """
 
 import logging
@@ -68,35 +73,37 @@ async def generate_tokens(
     session, past, restarts = uuid.uuid4().hex, 0, 0
     avoid: set[str] = set()
     prefer: list[str] | None = None
-    for step in range(max_tokens):
-        while True:
-            gen: dict[str, Any] = {
-                "sid": session,
-                "past": past,
-                "step": step,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k,
-                "seed": sampling.seed,
-            }
-            inputs = {
-                "input_ids": np.array([tokens[past:]], dtype=np.int64),
-                "attention_mask": np.ones((1, len(tokens)), dtype=np.int64),
-            }
-            try:
-                outputs, trace = await router.infer(
-                    model, inputs, gen=gen, avoid=avoid, prefer=prefer
-                )
-                break
-            except StageRefusal as exc:
-                if exc.code != "cache_miss" or restarts == MAX_RESTARTS:
-                    raise
-                restarts += 1
-                log.info("session %s lost a stage's cache; prefilling again", session[:8])
-                session, past, prefer = uuid.uuid4().hex, 0, None
+    while len(tokens) - len(prompt) < max_tokens:
+        # The prompt in one pass, then one token per step: on a replay too, so a rebuilt
+        # cache holds exactly what the first one did (see the module docstring).
+        fed = len(prompt) if past == 0 else past + 1
+        gen: dict[str, Any] = {
+            "sid": session,
+            "past": past,
+            "step": fed - len(prompt),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "seed": sampling.seed,
+        }
+        inputs = {
+            "input_ids": np.array([tokens[past:fed]], dtype=np.int64),
+            "attention_mask": np.ones((1, fed), dtype=np.int64),
+        }
+        try:
+            outputs, trace = await router.infer(model, inputs, gen=gen, avoid=avoid, prefer=prefer)
+        except StageRefusal as exc:
+            if exc.code != "cache_miss" or restarts == MAX_RESTARTS:
+                raise
+            restarts += 1
+            log.info("session %s lost a stage's cache; replaying it", session[:8])
+            session, past, prefer = uuid.uuid4().hex, 0, None
+            continue
         prefer = [str(hop[1]) for hop in trace]
         token = _token(outputs, vocab_size)
-        past = len(tokens)
+        past = fed
+        if fed < len(tokens):
+            continue  # replaying: this token was streamed already
         tokens.append(token)
         yield token
         if token in stop_tokens:
