@@ -14,7 +14,7 @@ import trio
 from .. import models
 from ._errors import BadRequestError, UnknownModelError
 from ._generation import EMBEDDING, Embeddings, GenerationEvent, GenerationRequest, ModelInfo
-from ._service import NodeService
+from ._service import NodeService, translate
 
 MAX_TEXTS = 256
 
@@ -34,8 +34,20 @@ class NodeBackend:
             listed[models.DEFAULT_MODEL] = ModelInfo(models.DEFAULT_MODEL, EMBEDDING)
         return sorted(listed.values(), key=lambda info: info.name)
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
-        return self.service.generator.generate(request)
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
+        """The mesh's generation, its refusals in the node's error tree (which the HTTP
+        layer maps to status codes) rather than the mesh's or the models'."""
+        events = self.service.generator.generate(request)
+        try:
+            async for event in events:
+                yield event
+        except Exception as exc:
+            translated = translate(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+        finally:
+            await events.aclose()
 
     async def embed(self, model: str, texts: list[str]) -> Embeddings:
         if model != models.DEFAULT_MODEL:

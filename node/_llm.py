@@ -17,7 +17,6 @@ import tokenizers
 import trio
 
 from .. import models
-from ..mesh import ContextLengthError as MeshContextLengthError
 from ..mesh import Inference, Sampling, generate_tokens
 from ._errors import BadRequestError, ContextLengthError, InvalidModelError, UnknownModelError
 from ._generation import (
@@ -60,8 +59,11 @@ class TextModel:
         if request.messages is not None:
             if not self.card.chat_template:
                 raise BadRequestError(f"{request.model} has no chat template; send a prompt")
-            messages = models.check_messages(
-                [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = models.check_messages(  # OpenAI's "developer" is the system role
+                [
+                    {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                    for m in request.messages
+                ]
             )
             text = models.render_chat(
                 self.card.chat_template,
@@ -146,8 +148,6 @@ class MeshGenerator:
                 if stream.stopped:
                     reason = "stop"
                     break
-        except MeshContextLengthError as exc:
-            raise ContextLengthError(str(exc)) from exc
         finally:
             await tokens.aclose()
         rest = stream.finish()

@@ -13,6 +13,7 @@ import numpy as np
 import trio
 
 from .. import models, runtime
+from ..mesh import ContextLengthError as MeshContextLengthError
 from ..mesh import (
     DeployError,
     Inference,
@@ -30,6 +31,7 @@ from ._errors import (
     BadRequestError,
     CannotDeployError,
     CannotSplitError,
+    ContextLengthError,
     InvalidInputError,
     InvalidJobError,
     InvalidModelError,
@@ -55,6 +57,8 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
     (models.InvalidModelError, InvalidModelError),
     (models.SplitError, CannotSplitError),
     (models.StoreFullError, StoreFullError),
+    (models.ChatTemplateError, BadRequestError),
+    (MeshContextLengthError, ContextLengthError),
     (runtime.InputMismatchError, InvalidInputError),
     (runtime.ModelLoadError, InvalidModelError),
 ]
