@@ -1,13 +1,13 @@
 """One step of a decoder stage: its layers' caches in, the new tokens' states out.
 
-A fragment of a causal language model takes ``past_key_values.{i}.key/value`` for each
-of its layers and returns ``present.{i}.key/value`` (the past plus the new tokens).
+A fragment of a causal language model takes a past key and value for each of its layers
+and returns their presents (the past plus the new tokens), named as the model's card
+says (``past_key_values.{i}.key`` and ``present.{i}.key`` for onnxruntime-genai's).
 The presents stay here, in the session's cache; everything else it outputs (the hidden
 states of the new tokens, or on the last stage the logits) goes on. The last stage
 samples, so only a token id leaves it.
 """
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +15,6 @@ import numpy as np
 from ...models import LlmCard
 from ...runtime import ModelSession
 from ._sampling import Sampling, sample
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-
-
-def is_decoder(session: ModelSession) -> bool:
-    return any(_PAST.match(spec.name) for spec in session.inputs)
 
 
 @dataclass(frozen=True)
@@ -32,8 +26,22 @@ class DecoderStage:
     card: LlmCard
 
     @property
+    def cache_names(self) -> dict[str, str]:
+        """past input -> present output, for the layers this fragment holds (the card
+        names them; a fragment takes only its own layers' pasts)."""
+        inputs = {spec.name for spec in self.session.inputs}
+        pairs = {}
+        for layer in range(self.card.num_layers):
+            for past, present in zip(
+                self.card.past_names(layer), self.card.present_names(layer), strict=True
+            ):
+                if past in inputs:
+                    pairs[past] = present
+        return pairs
+
+    @property
     def pasts(self) -> list[str]:
-        return [spec.name for spec in self.session.inputs if _PAST.match(spec.name)]
+        return list(self.cache_names)
 
     @property
     def bytes_per_token(self) -> int:
@@ -57,11 +65,7 @@ class DecoderStage:
         feeds = {s.name: tensors[s.name] for s in self.session.inputs if s.name in tensors}
         feeds.update(cache or self.empty_cache())
         outputs = self.session.run(feeds)
-        presents = {}
-        for name in self.pasts:
-            match = _PAST.match(name)
-            assert match is not None
-            presents[name] = outputs.pop(f"present.{match[1]}.{match[2]}")
+        presents = {past: outputs.pop(present) for past, present in self.cache_names.items()}
         if "logits" in outputs and sampling is not None:
             token = sample(outputs.pop("logits")[0, -1], sampling, step)
             outputs = {"token": np.array([token], dtype=np.int64)}
