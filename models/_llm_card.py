@@ -24,6 +24,7 @@ CARD_FILE = "llm.json"
 TOKENIZER_FILE = "tokenizer.json"
 KIND = "causal-lm"
 _MAX_TEMPLATE = 1 << 20  # chat templates are a few KB; 1 MB is generous
+_MAX_CARD = 2 * _MAX_TEMPLATE
 _MAX_NAME = 128
 _KV_DTYPES = ("float32", "float16")
 
@@ -112,7 +113,9 @@ def _number(card: LlmCard, name: str, low: float, high: float, *, open_low: bool
 
 def _template(card: LlmCard, name: str) -> None:
     value = getattr(card, name)
-    rest = value.replace("{i}", "", 1) if isinstance(value, str) else "{"
+    if not isinstance(value, str):
+        raise InvalidModelError(f"LLM card field {name} must be a string")
+    rest = value.replace("{i}", "", 1)
     if (
         len(value) > _MAX_NAME
         or "{i}" not in value
@@ -179,7 +182,9 @@ def llm_card(model: "Path | str | StoredModel") -> LlmCard | None:
 def read_card(file: Path) -> LlmCard:
     """Parse and check a card file; InvalidModelError if it is not a valid card."""
     try:
+        if file.stat().st_size > _MAX_CARD:
+            raise InvalidModelError(f"{file} is larger than a card can be")
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidModelError(f"{file} is not a readable JSON card: {exc}") from exc
     return LlmCard.from_dict(data)

@@ -17,7 +17,7 @@ import tokenizers
 import trio
 
 from .. import models
-from ..mesh import Inference, Sampling, generate_tokens
+from ..mesh import Inference, MeshError, Sampling, generate_tokens
 from ._errors import BadRequestError, ContextLengthError, InvalidModelError, UnknownModelError
 from ._generation import (
     CAUSAL_LM,
@@ -42,7 +42,7 @@ class TextModel:
         """From bytes another member sent: both are checked before use."""
         try:
             parsed = models.LlmCard.from_dict(json.loads(card))
-        except ValueError as exc:  # JSON errors, and InvalidModelError is a ValueError
+        except (ValueError, RecursionError) as exc:  # bad JSON, nesting, or fields
             raise InvalidModelError(f"the model's card is not valid: {exc}") from exc
         try:
             loaded = tokenizers.Tokenizer.from_str(tokenizer.decode("utf-8"))
@@ -85,31 +85,33 @@ class MeshGenerator:
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
         self._text: dict[str, TextModel] = {}  # by the first fragment's hash
-        self._loading = trio.Lock()
+        self._loading: dict[str, trio.Lock] = {}  # one fetch per model at a time
 
     async def text_model(self, model: str) -> TextModel:
         deployment = self.inference.router.deployments().get(model)
         if deployment is None:
             raise UnknownModelError(f"no deployment of {model!r} in the mesh")
         key = deployment.entries[0].fragment
-        async with self._loading:
+        async with self._loading.setdefault(key, trio.Lock()):
             if key not in self._text:
-                _, card, tokenizer = await self.inference.text_side(model)
+                try:
+                    _, card, tokenizer = await self.inference.text_side(model)
+                except MeshError as exc:
+                    raise InvalidModelError(str(exc)) from exc
                 self._text[key] = await trio.to_thread.run_sync(TextModel.parse, card, tokenizer)
             return self._text[key]
 
     async def models(self) -> list[ModelInfo]:
+        """Deployed models; a language model's context is known once its card has been
+        fetched (listing never waits on the network)."""
         listed = []
         for name, deployment in sorted(self.inference.router.deployments().items()):
             decoder = any(i.startswith("past_key_values.") for i in deployment.entries[0].inputs)
             if not decoder:
                 listed.append(ModelInfo(name, "onnx"))
                 continue
-            try:
-                context = (await self.text_model(name)).card.context_length
-            except (InvalidModelError, UnknownModelError):
-                context = None
-            listed.append(ModelInfo(name, CAUSAL_LM, context))
+            text = self._text.get(deployment.entries[0].fragment)
+            listed.append(ModelInfo(name, CAUSAL_LM, text.card.context_length if text else None))
         return listed
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:

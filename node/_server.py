@@ -105,10 +105,16 @@ async def _dispatch_with_progress(
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise _ClientGone from exc
 
+    gone = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump)
         async with send:
-            reply = await _dispatch(service, body, progress, emit)
+            try:
+                reply = await _dispatch(service, body, progress, emit)
+            except _ClientGone:
+                gone = True  # raised plainly below, not wrapped in the nursery's group
+    if gone:
+        raise _ClientGone
     return reply
 
 

@@ -133,3 +133,18 @@ def test_chat_templates_render_in_a_sandbox() -> None:
         render_chat(hostile, messages)
     with pytest.raises(ChatTemplateError, match=r"messages\[0\].role"):
         check_messages([{"role": "root", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'x' * 10**8 }}",  # a 100 MB string
+        "{{ 2 ** 100000 }}",
+        "{% for i in range(10**9) %}x{% endfor %}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}xx{% endfor %}{% endfor %}",
+        "{{ messages.pop() }}",
+    ],
+)
+def test_a_hostile_chat_template_is_refused_quickly(template: str) -> None:
+    with pytest.raises(ChatTemplateError):
+        render_chat(template, check_messages([{"role": "user", "content": "hi"}]))

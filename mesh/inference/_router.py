@@ -195,10 +195,13 @@ class Router:
         """Run ``model`` through its deployment; returns the outputs and the route taken.
 
         A generation step passes ``gen`` (see ``_headers.GEN``), the peers its session
-        must avoid (``avoid`` grows with each peer that failed) and its route so far.
+        must avoid and its route so far. ``avoid`` grows with each peer that failed and is
+        gone from the mesh; one that refused (say, no room for the session's cache) or
+        timed out is avoided for this step only.
         """
         rid = uuid.uuid4().hex
-        avoid = set() if avoid is None else avoid
+        lasting = set() if avoid is None else avoid
+        avoid = set(lasting)
         pending = _Pending()
         self._pending[rid] = pending
         try:
@@ -230,6 +233,8 @@ class Router:
                     return pending.tensors, pending.header.get("trace", [])
                 log.info("request %s: replaying without %s", rid[:8], short_id(failed))
                 avoid.add(failed)
+                if not self.mesh.is_live(failed):
+                    lasting.add(failed)
             raise NoRouteError(f"{model}: gave up after {MAX_ATTEMPTS} attempts")
         finally:
             del self._pending[rid]

@@ -471,9 +471,24 @@ class StageServer:
             problem = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
             await self._refuse(header, "invalid_input", f"{where}: {problem}")
             return None
-        total = int(mask.shape[1])
-        if total <= gen["past"]:
+        total, new = int(mask.shape[1]), int(mask.shape[1]) - gen["past"]
+        problem = None
+        if new < 1:
             problem = f"attention_mask covers {total} tokens, not more than {gen['past']} cached"
+        elif total > stage.card.context_length:
+            problem = f"{total} tokens exceed the model's context of {stage.card.context_length}"
+        else:
+            moving = [
+                s for s in stage.session.inputs if s.name in tensors and s.name != "attention_mask"
+            ]
+            wrong = [
+                s.name
+                for s in moving
+                if tensors[s.name].ndim < 2 or tensors[s.name].shape[1] != new
+            ]
+            if wrong:
+                problem = f"{wrong[0]} must carry the {new} new tokens the mask adds"
+        if problem is not None:
             await self._refuse(header, "invalid_input", f"{where}: {problem}")
             return None
         key = (entry.deployment, entry.stage, gen["sid"])
