@@ -192,6 +192,11 @@ class NodeService:
             "capacity": runtime.probe_capacity(self.throughput).to_dict(),
             "models": len(self.store.list()),
             "store": {"used": self.store.used_bytes(), "quota": self.store.max_bytes},
+            "kv_cache": {  # generation sessions whose stages run here
+                "sessions": self.inference.server.kv.sessions(),
+                "used": self.inference.server.kv.used,
+                "budget": self.inference.server.kv.budget,
+            },
         }
 
     async def list_models(self, params: dict[str, Any]) -> list[dict[str, Any]]:

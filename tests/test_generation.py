@@ -106,6 +106,19 @@ def test_the_mesh_generates_exactly_what_the_whole_model_does(
     assert mesh_text(smol_mesh[2], PROMPTS[0], 12) == whole.greedy_text(PROMPTS[0], 12)
 
 
+def test_finished_sessions_release_their_caches(smol_mesh: list[NodeProcess]) -> None:
+    mesh_text(smol_mesh[1], PROMPTS[0], 4)
+
+    def sessions() -> int:
+        total = 0
+        for node in smol_mesh:
+            with node.client() as client:
+                total += client.status()["kv_cache"]["sessions"]
+        return total
+
+    wait_until(lambda: sessions() == 0, 10, "every stage dropping the finished session")
+
+
 def test_whole_answers_carry_usage(smol_mesh: list[NodeProcess], whole: Whole) -> None:
     with smol_mesh[1].client() as client:
         result = client.generate("smol", PROMPTS[0], max_tokens=8, temperature=0.0, stream=False)

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Collection
 from typing import Any
 
 import numpy as np
+import trio
 
 from .._errors import MeshError
 from ._router import Router, StageRefusal
@@ -73,38 +74,48 @@ async def generate_tokens(
     session, past, restarts = uuid.uuid4().hex, 0, 0
     avoid: set[str] = set()
     prefer: list[str] | None = None
-    while len(tokens) - len(prompt) < max_tokens:
-        # The prompt in one pass, then one token per step: on a replay too, so a rebuilt
-        # cache holds exactly what the first one did (see the module docstring).
-        fed = len(prompt) if past == 0 else past + 1
-        gen: dict[str, Any] = {
-            "sid": session,
-            "past": past,
-            "step": fed - len(prompt),
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k,
-            "seed": sampling.seed,
-        }
-        inputs = {
-            "input_ids": np.array([tokens[past:fed]], dtype=np.int64),
-            "attention_mask": np.ones((1, fed), dtype=np.int64),
-        }
-        try:
-            outputs, trace = await router.infer(model, inputs, gen=gen, avoid=avoid, prefer=prefer)
-        except StageRefusal as exc:
-            if exc.code != "cache_miss" or restarts == MAX_RESTARTS:
-                raise
-            restarts += 1
-            log.info("session %s lost a stage's cache; replaying it", session[:8])
-            session, past, prefer = uuid.uuid4().hex, 0, None
-            continue
-        prefer = [str(hop[1]) for hop in trace]
-        token = _token(outputs, vocab_size)
-        past = fed
-        if fed < len(tokens):
-            continue  # replaying: this token was streamed already
-        tokens.append(token)
-        yield token
-        if token in stop_tokens:
-            return
+    try:
+        while len(tokens) - len(prompt) < max_tokens:
+            # The prompt in one pass, then one token per step: on a replay too, so a rebuilt
+            # cache holds exactly what the first one did (see the module docstring).
+            fed = len(prompt) if past == 0 else past + 1
+            gen: dict[str, Any] = {
+                "sid": session,
+                "past": past,
+                "step": fed - len(prompt),
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
+                "seed": sampling.seed,
+            }
+            inputs = {
+                "input_ids": np.array([tokens[past:fed]], dtype=np.int64),
+                "attention_mask": np.ones((1, fed), dtype=np.int64),
+            }
+            try:
+                outputs, trace = await router.infer(
+                    model, inputs, gen=gen, avoid=avoid, prefer=prefer
+                )
+            except StageRefusal as exc:
+                if exc.code != "cache_miss" or restarts == MAX_RESTARTS:
+                    raise
+                restarts += 1
+                log.info("session %s lost a stage's cache; replaying it", session[:8])
+                if prefer is not None:  # the stages still holding the lost session
+                    with trio.CancelScope(shield=True):
+                        await router.release(model, prefer, session)
+                session, past, prefer = uuid.uuid4().hex, 0, None
+                continue
+            prefer = [str(hop[1]) for hop in trace]
+            token = _token(outputs, vocab_size)
+            past = fed
+            if fed < len(tokens):
+                continue  # replaying: this token was streamed already
+            tokens.append(token)
+            yield token
+            if token in stop_tokens:
+                return
+    finally:
+        if prefer is not None:  # the stages that hold this session's caches
+            with trio.CancelScope(shield=True):
+                await router.release(model, prefer, session)

@@ -54,7 +54,8 @@ GEN = where(
             "top_p": number(0.0, 1.0),
             "top_k": integer(0, 1 << 20),
             "seed": integer(0, (1 << 63) - 1),
-        }
+        },
+        {"release": flag},  # the session has ended: stages drop its cache
     ),
     lambda g: g["top_p"] > 0.0,
     "top_p must be above 0",

@@ -88,6 +88,10 @@ class KVCache:
         if self._sessions.get(step.key) is step.session:
             del self._sessions[step.key]
 
+    def drop(self, key: Key) -> None:
+        """Forget a session that has ended (a step still running commits into nothing)."""
+        self._sessions.pop(key, None)
+
     def _make_room(self, key: Key, wanted: int, now: float) -> None:
         free = self.budget - self.used
         if wanted <= free:

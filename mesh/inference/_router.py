@@ -31,6 +31,16 @@ ATTEMPT_TIMEOUT_S = 60.0
 MAX_ATTEMPTS = 8
 WATCH_S = 0.2
 ROUTE_WAIT_S = 5.0  # two membership exchanges, plus slack
+RELEASE_TIMEOUT_S = 2.0
+RELEASE = {
+    "past": 0,
+    "step": 0,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "seed": 0,
+    "release": True,
+}
 RETRYABLE = {"unreachable", "not_hosted", "internal", "cache_full"}
 
 
@@ -238,6 +248,30 @@ class Router:
             raise NoRouteError(f"{model}: gave up after {MAX_ATTEMPTS} attempts")
         finally:
             del self._pending[rid]
+
+    async def release(self, model: str, route: list[str], session: str) -> None:
+        """Tell a session's stages, along its route, to drop its cache. Best effort, and
+        quick: a stage that does not hear it evicts the cache once it is idle."""
+        deployment = self.deployments().get(model)
+        if deployment is None or len(route) != len(deployment.entries):
+            return
+        header = {
+            "kind": "infer",
+            "rid": uuid.uuid4().hex,
+            "attempt": 0,
+            "dep": deployment.entries[0].deployment,
+            "stage": 0,
+            "route": route,
+            "reply": self.mesh.peer_id,
+            "downstream": [[] for _ in route],
+            "trace": [],
+            "gen": {**RELEASE, "sid": session},
+        }
+        with trio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                await self.server.deliver(route[0], header, {})
+            except MeshError as exc:
+                log.debug("could not release session %s: %s", session[:8], exc)
 
     async def _attempt(
         self,

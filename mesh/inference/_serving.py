@@ -360,6 +360,9 @@ class StageServer:
     async def _run_stage(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """One INFER-checked frame of stage work (from a peer, or from this node)."""
         entry = self._hosted.get((header["dep"], header["stage"]))
+        if header.get("gen", {}).get("release"):
+            await self._release(header)
+            return
         if entry is None or entry.stages != len(header["route"]):
             where = f"stage {header['stage']} of {header['dep']}"
             await self._refuse(
@@ -455,6 +458,15 @@ class StageServer:
             step.commit(presents, int(tensors["attention_mask"].shape[1]))
         return outputs
 
+    async def _release(self, header: dict[str, Any]) -> None:
+        """A session has ended (or was replaced): drop its cache here and pass the word
+        down its route. Best effort; an idle cache is evicted anyway."""
+        stage = header["stage"]
+        self.kv.drop((header["dep"], stage, header["gen"]["sid"]))
+        if stage + 1 < len(header["route"]):
+            onward = {**header, "stage": stage + 1}
+            await self._forward(header["route"][stage + 1], onward, {}, "raw", header)
+
     async def _begin_step(
         self,
         header: dict[str, Any],
@@ -468,11 +480,11 @@ class StageServer:
         mask = tensors.get("attention_mask")
         if mask is None or mask.ndim != 2 or mask.shape[0] != 1 or not np.all(mask == 1):
             shape = None if mask is None else list(mask.shape)
-            problem = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
-            await self._refuse(header, "invalid_input", f"{where}: {problem}")
+            needed = f"a step needs an attention_mask of ones [1, past + new], not {shape}"
+            await self._refuse(header, "invalid_input", f"{where}: {needed}")
             return None
         total, new = int(mask.shape[1]), int(mask.shape[1]) - gen["past"]
-        problem = None
+        problem: str | None = None
         if new < 1:
             problem = f"attention_mask covers {total} tokens, not more than {gen['past']} cached"
         elif total > stage.card.context_length:
