@@ -67,7 +67,7 @@ class GenerationStream(Iterator[str]):
         while not self._pending:
             try:
                 next(self._frames)
-            except StopIteration:
+            except BaseException:  # the end, a refusal or a lost node: the connection goes
                 self.close()
                 raise
         return self._pending.pop(0)
@@ -110,9 +110,9 @@ class AsyncGenerationStream(AsyncIterator[str]):
                 raise StopAsyncIteration
             try:
                 await self._frames.__anext__()
-            except StopAsyncIteration:
-                self._done = True
+            except BaseException:  # the end, a refusal or a lost node: the connection goes
                 await self.aclose()
+                raise
 
     async def aclose(self) -> None:
         """Stop the generation (if it still runs) and drop its connection."""

@@ -137,6 +137,7 @@ class MeshGenerator:
             vocab_size=text.card.vocab_size,
             sampling=sampling,
             stop_tokens=set(text.card.eos_token_ids),
+            position_ids=text.card.position_ids,
         )
         try:
             async for token in tokens:

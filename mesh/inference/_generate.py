@@ -61,6 +61,7 @@ async def generate_tokens(
     vocab_size: int,
     sampling: Sampling,
     stop_tokens: Collection[int],
+    position_ids: bool = False,
 ) -> AsyncGenerator[int, None]:
     """Yield generated token ids, ending after a stop token or ``max_tokens``."""
     if not prompt:
@@ -92,6 +93,8 @@ async def generate_tokens(
                 "input_ids": np.array([tokens[past:fed]], dtype=np.int64),
                 "attention_mask": np.ones((1, fed), dtype=np.int64),
             }
+            if position_ids:  # graphs that do not derive positions from the mask
+                inputs["position_ids"] = np.arange(past, fed, dtype=np.int64)[None, :]
             try:
                 outputs, trace = await router.infer(
                     model, inputs, gen=gen, avoid=avoid, prefer=prefer

@@ -140,7 +140,9 @@ class StageServer:
     ) -> None:
         self.mesh = mesh
         self.memory_budget = memory_budget
-        # Generation sessions' caches, all decoder stages: within the memory budget.
+        self._kv_budget = kv_budget
+        # Generation sessions' caches, all decoder stages: within what the memory budget
+        # leaves beside the loaded stages (see _fit_cache).
         self.kv = KVCache(kv_budget if memory_budget is None else min(kv_budget, memory_budget))
         self.budget = budget  # inbound frames, shared with training
         self.fetcher = fetcher
@@ -165,15 +167,24 @@ class StageServer:
         )
         self._nursery: trio.Nursery | None = None
 
+    def _stages_held(self) -> int:
+        """Memory the loaded stages take: their weights times MEMORY_FACTOR."""
+        sizes = {e.fragment: e.fragment_bytes for e in self._hosted.values()}
+        return sum(int(MEMORY_FACTOR * sizes.get(f, 0)) for f in self._sessions)
+
     def memory_free(self) -> int:
         """Memory this node can still lend: free memory, within its budget less what its
-        loaded stages (weights times MEMORY_FACTOR) and generation caches hold."""
+        loaded stages and generation caches hold."""
         free = int(psutil.virtual_memory().available)
         if self.memory_budget is None:
             return free
-        sizes = {e.fragment: e.fragment_bytes for e in self._hosted.values()}
-        held = sum(int(MEMORY_FACTOR * sizes.get(f, 0)) for f in self._sessions) + self.kv.used
-        return max(0, min(free, self.memory_budget - held))
+        return max(0, min(free, self.memory_budget - self._stages_held() - self.kv.used))
+
+    def _fit_cache(self) -> None:
+        """Caches get what the memory budget leaves beside the stages loaded now."""
+        if self.memory_budget is not None:
+            room = max(0, self.memory_budget - self._stages_held())
+            self.kv.budget = min(self._kv_budget, room)
 
     def serving(self) -> list[dict[str, Any]]:
         return [entry.to_dict() for entry in self._hosted.values()]
@@ -217,6 +228,7 @@ class StageServer:
                 self._cards[entry.fragment] = card
         self._check_room(entry)  # again: other stages may have landed while this one loaded
         self._hosted[(entry.deployment, entry.stage)] = entry
+        self._fit_cache()
         kind = "decoder" if entry.fragment in self._cards else "stateless"
         log.info("hosting stage %d of %s (%s)", entry.stage, entry.deployment, kind)
         self.mesh.refresh()
@@ -248,6 +260,7 @@ class StageServer:
         for fragment in [f for f in self._sessions if f not in in_use]:
             del self._sessions[fragment]
             self._cards.pop(fragment, None)
+        self._fit_cache()
         if stale:
             self.mesh.refresh()
 
