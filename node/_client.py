@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
@@ -193,38 +193,6 @@ class Client:
             self.close()
             raise NodeDisconnectedError(f"lost the node during {call.method}: {exc}") from exc
 
-    @overload
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        stream: Literal[True] = True,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> "GenerationStream": ...
-
-    @overload
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        stream: Literal[False],
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> "calls.Generated": ...
-
     def generate(
         self,
         model: str,
@@ -397,38 +365,6 @@ class AsyncClient:
         except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
             await self._stream.aclose()
             raise NodeDisconnectedError(f"lost the node during {call.method}: {exc!r}") from exc
-
-    @overload
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        stream: Literal[True] = True,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> "AsyncGenerationStream": ...
-
-    @overload
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        messages: list[dict[str, str]] | None = None,
-        stream: Literal[False],
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-    ) -> "Awaitable[calls.Generated]": ...
 
     def generate(
         self,

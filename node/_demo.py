@@ -17,7 +17,7 @@ import platformdirs
 from rich.console import Console
 
 from ..models import DEFAULT_LLM, DEFAULT_MODEL, ModelStore, import_llm, smollm2_gguf
-from ._client import connect
+from ._client import GenerationStream, connect
 from ._launch import local_mesh
 
 console = Console()
@@ -79,6 +79,7 @@ def run_llm_demo(count: int, prompt: str, quantize: str, root: Path | None) -> N
                     max_tokens=64,
                     temperature=0.0,
                 )
+                assert isinstance(pieces, GenerationStream)  # stream=True
                 for piece in pieces:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
