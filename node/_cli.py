@@ -72,7 +72,9 @@ def node_start(
     listen: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
-            "--listen", help="libp2p listen multiaddr (repeatable) [default: all, port 0]."
+            "--listen",
+            help="Listen multiaddr (repeatable) [default: all, port 0]; one ending in /tls "
+            "(/ip4/0.0.0.0/tcp/4002/tls) places the direct link [default: libp2p's hosts].",
         ),
     ] = None,
     mesh_key: Annotated[
@@ -92,6 +94,10 @@ def node_start(
         typer.Option("--interface", help="mDNS on this interface (repeatable) [default: LAN]."),
     ] = None,
     no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not use mDNS at all.")] = False,
+    no_link: Annotated[
+        bool,
+        typer.Option("--no-link", help="No direct TLS links: every frame over libp2p."),
+    ] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads per model session.")] = None,  # noqa: UP045
     max_request_mb: Annotated[int, typer.Option(help="Largest API request accepted.")] = 1024,
     max_tensor_mb: Annotated[
@@ -169,6 +175,7 @@ def node_start(
         http=HttpSettings.parse(http_listen, http_key) if http_listen else None,
         max_memory_bytes=None if max_memory_mb is None else max_memory_mb << 20,
         kv_cache_bytes=kv_cache_mb << 20,
+        direct_links=not no_link,
     )
     try:
         trio.run(run_node, config)

@@ -59,6 +59,7 @@ class NodeConfig:
     http: HttpSettings | None = None  # the OpenAI-compatible API, off unless asked for
     max_memory_bytes: int | None = None  # what this node lends; None: whatever is free
     kv_cache_bytes: int = DEFAULT_KV_BUDGET  # generation sessions' caches, within the above
+    direct_links: bool = True  # off: every frame goes over libp2p (the fallback path)
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -167,6 +168,7 @@ async def run_node(
         peers=config.peers,
         interfaces=config.interfaces,
         mdns=config.mdns,
+        link_dir=data_dir.links if config.direct_links else None,
     )
     async with (
         open_mesh(key_pair, mesh_config, local_state) as mesh,

@@ -22,6 +22,11 @@ class DataDir:
         return self.root / "identity.key"
 
     @property
+    def links(self) -> Path:
+        """The direct links' key and certificate (see ``mesh.wire._certs``)."""
+        return self.root / "links"
+
+    @property
     def training(self) -> Path:
         """Checkpoints: this node's stages' own, and those it collected as a driver."""
         return self.root / "training"

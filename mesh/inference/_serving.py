@@ -33,11 +33,14 @@ from ..wire import (
     Fetcher,
     FrameBudget,
     Lease,
+    LinkFrame,
     Links,
     Progress,
     SchemaError,
+    decode_payload,
     encode_frame,
     frame_timeout,
+    parse_header,
     read_header,
     read_leased_payload,
     skip_payload,
@@ -288,11 +291,7 @@ class StageServer:
                 raise
             if size > self.max_payload:
                 if header["kind"] == "infer":  # results and refusals are ours to receive
-                    await self._refuse(
-                        header,
-                        "too_large",
-                        f"tensors of {size} bytes exceed this peer's limit of {self.max_payload}",
-                    )
+                    await self._refuse_too_large(header, size)
                 if size > SKIP_AT_MOST * self.max_payload:
                     raise WireError(f"a frame of {size} bytes is not worth reading past")
                 # Skip, not reset: a reset would reach the sender as "peer unreachable".
@@ -300,17 +299,54 @@ class StageServer:
                 continue
             # Wait for room in the node's budget before reading the payload: a sender
             # whose frames we cannot hold yet is slowed down, never mistaken for dead.
-            tensors, held = await read_leased_payload(stream, header, size, self.budget, peer_id)
-            lease: Lease | None = held
-            try:
-                if header["kind"] == "infer":
-                    await self._jobs_send.send((header, tensors, lease))
-                    lease = None  # the worker releases it once the stage has run
-                else:
-                    self.on_reply(header, tensors)
-            finally:
-                if lease is not None:
-                    lease.release()
+            tensors, lease = await read_leased_payload(stream, header, size, self.budget, peer_id)
+            await self._take(header, tensors, lease)
+
+    async def handle_link_frame(self, peer_id: str, frame: LinkFrame) -> None:
+        """A frame from a direct link: checked as a stream's, but read already (in the
+        link's thread, leased, or skipped when over the limit), so the link goes on
+        whatever is wrong with this one frame."""
+        try:
+            header, size = parse_header(frame.body, INFER_FRAME)
+            if size != frame.size:
+                raise SchemaError("tensors", f"announce {size} bytes, the frame holds {frame.size}")
+        except SchemaError as exc:
+            if frame.lease is not None:
+                frame.lease.release()
+            await self._refuse_unreadable(exc)
+            return
+        if frame.payload is None:
+            if header["kind"] == "infer":
+                await self._refuse_too_large(header, size)
+            return
+        try:
+            tensors = decode_payload(header, frame.payload)
+        except WireError as exc:
+            if frame.lease is not None:
+                frame.lease.release()
+            log.debug("a frame from %s: %s", short_id(peer_id), exc)
+            return
+        await self._take(header, tensors, frame.lease)
+
+    async def _take(
+        self, header: dict[str, Any], tensors: dict[str, np.ndarray], lease: Lease | None
+    ) -> None:
+        """A whole frame from a peer: stage work for the worker (which releases its
+        lease once the stage has run), or an answer to a request of ours."""
+        try:
+            if header["kind"] == "infer":
+                await self._jobs_send.send((header, tensors, lease))
+                lease = None
+            else:
+                self.on_reply(header, tensors)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    async def _refuse_too_large(self, header: dict[str, Any], size: int) -> None:
+        limit = self.max_payload
+        message = f"tensors of {size} bytes exceed this peer's limit of {limit}"
+        await self._refuse(header, "too_large", message)
 
     async def submit(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """Queue stage work from this node (the requester or a previous local stage)."""
@@ -555,6 +591,10 @@ class StageServer:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.mesh.handle(PROTOCOL, self.handle_stream)
+            if self.mesh.direct is not None:
+                self.mesh.direct.handle(
+                    PROTOCOL, self.handle_link_frame, self.max_payload, self.budget
+                )
             task_status.started()
             async for header, tensors, lease in self._jobs_receive:
                 try:

@@ -30,18 +30,20 @@ from ..wire import (
     array,
     choice,
     integer,
+    nullable,
+    number,
     record,
     text,
     where,
 )
 from ._discovered import MalformedPeerError, check_addrs, check_peer_id
 
-VERSION = 2  # 2: canonical signatures, undeploy markers
+VERSION = 3  # 2: canonical signatures, undeploy markers; 3: direct links
 MAX_FRAGMENTS = 4096
 MAX_NAME = 64
 MAX_FOREIGN_BYTES = 64 << 10  # what we keep of an advert of another version, to relay it
 _CORE = {"v", "peer_id", "incarnation", "seq", "name", "addrs", "sig"}
-_BODY = {"capacity", "fragments", "serving", "undeployed"}
+_BODY = {"capacity", "fragments", "serving", "undeployed", "link"}
 
 MAX_SERVING = 256
 MAX_STAGES = 64
@@ -80,6 +82,18 @@ SERVING_ENTRY = where(
 # a logical time up to ``upto`` is gone. Each node merges and re-advertises them.
 MAX_UNDEPLOYED = 256
 UNDEPLOY_MARKER = record({"model": NAME, "upto": integer(0, MAX_CREATED)})
+# The member's direct link (see wire._direct): its port on the advert's hosts, the
+# SHA-256 pin of the certificate it presents there, and the median bandwidth its own
+# links measured (bytes/s), for placement. None: frames to it go over libp2p.
+LINK = nullable(
+    record(
+        {
+            "port": integer(1, 65535),
+            "pin": SHA256,
+            "bandwidth": nullable(number(0.0, 1e12)),
+        }
+    )
+)
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -123,6 +137,7 @@ class Advert:
     fragments: tuple[str, ...]
     serving: tuple[dict[str, Any], ...] = ()
     undeployed: tuple[dict[str, Any], ...] = ()
+    link: dict[str, Any] | None = None
     sig: bytes = b""
     protocol: int = VERSION  # the wire's "v"
     # An advert of another protocol version: everything but its core, kept to relay it.
@@ -160,6 +175,7 @@ class Advert:
             wire["fragments"] = list(self.fragments)
             wire["serving"] = list(self.serving)
             wire["undeployed"] = list(self.undeployed)
+            wire["link"] = self.link
         else:
             wire.update(self.foreign)
         wire["sig"] = self.sig
@@ -207,6 +223,7 @@ def _body(wire: dict[str, Any]) -> dict[str, Any]:
         "fragments": tuple(fragments),
         "serving": check_serving(wire["serving"]),
         "undeployed": check_undeployed(wire["undeployed"]),
+        "link": LINK(wire["link"], "link"),
     }
 
 
@@ -225,7 +242,14 @@ def _foreign(wire: dict[str, Any]) -> dict[str, Any]:
         capacity = _capacity(rest.get("capacity"))
     except WireError:
         capacity = unknown_capacity()
-    return {"capacity": capacity, "fragments": (), "serving": (), "undeployed": (), "foreign": rest}
+    return {
+        "capacity": capacity,
+        "fragments": (),
+        "serving": (),
+        "undeployed": (),
+        "link": None,
+        "foreign": rest,
+    }
 
 
 def advert_from_wire(wire: Any) -> Advert:

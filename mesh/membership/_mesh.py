@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -35,13 +36,21 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from .._errors import AuthError, MeshError, WireError
 from .._peerid import short_id
-from ..wire import SchemaError, read_message, write_message
+from ..wire import (
+    DirectLinks,
+    LinkAddress,
+    SchemaError,
+    load_link_identity,
+    read_message,
+    write_message,
+)
 from . import _auth, _sync
 from ._adverts import Advert, advert_from_wire, capacity_changed
 from ._discovered import dropped, settings_targets
 from ._host import admit, open_host, parse_multiaddrs
 from ._interfaces import Interface, advertised_addrs, select_interfaces
 from ._invite import make_invite
+from ._links import link_address, split_listen
 from ._mdns import run_mdns
 from ._meshkey import MeshKey
 from ._table import Change, Membership
@@ -84,6 +93,7 @@ class MeshConfig:
     interfaces: list[str] | None = None
     mdns: bool = True
     name: str = field(default_factory=socket.gethostname)
+    link_dir: Path | None = None  # the direct link's certificate; None: libp2p only
 
 
 class Mesh:
@@ -95,8 +105,10 @@ class Mesh:
         local_state: LocalStateReader,
         interfaces: list[Interface],
         targets: dict[str, list[str]],
+        direct: DirectLinks | None = None,
     ) -> None:
         self._host = host
+        self.direct = direct
         self._key_pair = key_pair
         self.config = config
         self._local_state = local_state
@@ -142,7 +154,16 @@ class Mesh:
             fragments=tuple(state.fragments),
             serving=tuple(state.serving),
             undeployed=tuple(state.undeployed),
+            link=self._own_link(),
         ).signed(self._key_pair.private_key)
+
+    def _own_link(self) -> dict[str, Any] | None:
+        direct = self.direct
+        if direct is None or direct.port is None:
+            return None
+        measured = direct.bandwidths()
+        bandwidth = float(sorted(measured)[len(measured) // 2]) if measured else None
+        return {"port": direct.port, "pin": direct.identity.pin, "bandwidth": bandwidth}
 
     def refresh(self) -> None:
         """Publish a new advert now (called on a timer and when local state changes)."""
@@ -190,9 +211,33 @@ class Mesh:
                     "compatible": advert.compatible,
                     "rtt_ms": member.rtt_ms,
                     "last_seen_s": round(now - member.last_seen, 3),
+                    "link": None if is_self else self._link_row(advert.peer_id, member.rtt_ms),
                 }
             )
         return sorted(rows, key=lambda r: (not r["self"], r["name"], r["peer_id"]))
+
+    def _link_row(self, peer_id: str, rtt_ms: float | None) -> dict[str, Any]:
+        """The path frames to a member take, with its measured RTT (ms) and bandwidth
+        (bytes/s); the libp2p path's RTT is the membership exchange's."""
+        if self.direct is None:
+            return {"path": "libp2p", "rtt_ms": rtt_ms, "bandwidth": None, "reason": "off here"}
+        row = self.direct.describe(peer_id)
+        if row["path"] == "libp2p":
+            row["rtt_ms"] = rtt_ms
+        return row
+
+    def _link_pins(self) -> dict[str, LinkAddress]:
+        pins = {}
+        for member in self.membership.members():
+            advert = member.advert
+            if advert.peer_id == self.peer_id or not advert.compatible:
+                continue
+            if not self.is_live(advert.peer_id):
+                continue
+            address = link_address(advert.addrs, advert.link)
+            if address is not None:
+                pins[advert.peer_id] = address
+        return pins
 
     # ---- for the services built on the mesh ---------------------------------------
 
@@ -509,6 +554,8 @@ class Mesh:
     async def _maintain_loop(self, nursery: trio.Nursery) -> None:
         while True:
             self._maintain(nursery)
+            if self.direct is not None:
+                self.direct.set_pins(self._link_pins())
             await trio.sleep(MAINTAIN_S)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -516,6 +563,8 @@ class Mesh:
         self._host.set_stream_handler(_sync.PROTOCOL, self._guarded(self._handle_sync))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.direct is not None:
+                await nursery.start(self.direct.run)
             nursery.start_soon(self._refresh_loop)
             if self.config.mdns:
                 await nursery.start(
@@ -540,11 +589,20 @@ async def open_mesh(
     """Start this node's host and mesh membership; both stop when the block exits."""
     interfaces = select_interfaces(config.interfaces)  # settings errors surface before
     targets = settings_targets(config.peers)  # anything starts, as plain MeshErrors
+    listen, binds = split_listen(config.listen)
     async with (
-        open_host(key_pair, config.listen, frozenset({_auth.PROTOCOL})) as host,
+        open_host(key_pair, listen, frozenset({_auth.PROTOCOL})) as host,
         trio.open_nursery() as nursery,
     ):
-        mesh = Mesh(host, key_pair, config, local_state, interfaces, targets)
+        direct = None
+        if config.link_dir is not None:
+            peer_id = host.get_id().to_base58()
+            identity = await trio.to_thread.run_sync(
+                load_link_identity, config.link_dir, config.key.secret, peer_id
+            )
+            direct = DirectLinks(identity, binds)
+            await direct.listen()
+        mesh = Mesh(host, key_pair, config, local_state, interfaces, targets, direct)
         await nursery.start(mesh.run)
         try:
             yield mesh

@@ -43,8 +43,11 @@ from ..wire import (
     FrameBudget,
     Lease,
     LinkError,
+    LinkFrame,
     Links,
+    decode_payload,
     encode_frame,
+    parse_header,
     read_header,
     read_leased_payload,
 )
@@ -144,6 +147,28 @@ class TrainServer:
                 lease.release()
                 raise
 
+    async def handle_link_frame(self, peer_id: str, frame: LinkFrame) -> None:
+        """A frame from a direct link, read already by the link's thread: a bad or
+        oversized one is dropped (and logged) while the link goes on."""
+        try:
+            header, size = parse_header(frame.body, TRAIN_FRAME)
+            if size != frame.size:
+                raise WireError(f"tensors announce {size} bytes, the frame holds {frame.size}")
+            if frame.payload is None:
+                raise WireError(f"a frame of {size} bytes exceeds the limit of {self.max_payload}")
+            tensors = decode_payload(header, frame.payload)
+        except WireError as exc:
+            if frame.lease is not None:
+                frame.lease.release()
+            log.info("dropped a training frame from %s: %s", short_id(peer_id), exc)
+            return
+        try:
+            await self._accept(header, tensors, frame.lease)
+        except BaseException:
+            if frame.lease is not None:
+                frame.lease.release()
+            raise
+
     async def _accept(
         self, header: dict[str, Any], tensors: dict[str, np.ndarray], lease: Lease | None = None
     ) -> None:
@@ -202,6 +227,10 @@ class TrainServer:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.mesh.handle(PROTOCOL, self.handle_stream)
+            if self.mesh.direct is not None:
+                self.mesh.direct.handle(
+                    PROTOCOL, self.handle_link_frame, self.max_payload, self.budget
+                )
             task_status.started()
             async for header, tensors, lease in self._work_receive:
                 try:

@@ -1,15 +1,24 @@
-"""The wire: bytes on streams between members, shared by inference and training.
+"""The wire: bytes between members, shared by inference and training.
 
-Framed msgpack control messages, tensor frames with codecs, one outbound link per peer,
-and content-addressed transfer. It knows nothing of membership or of what frames mean.
+Framed msgpack control messages, tensor frames with codecs, direct TLS links between
+members (with libp2p streams as the fallback), and content-addressed transfer. It knows
+nothing of membership or of what frames mean.
 """
 
 from ._budget import FrameBudget as FrameBudget
 from ._budget import Lease as Lease
+from ._certs import CertificateError as CertificateError
+from ._certs import LinkIdentity as LinkIdentity
+from ._certs import load_link_identity as load_link_identity
 from ._codecs import CODECS as CODECS
 from ._codecs import WIRE_DTYPES as WIRE_DTYPES
+from ._direct import DirectLinks as DirectLinks
+from ._direct import LinkAddress as LinkAddress
+from ._direct import LinkFrame as LinkFrame
+from ._frames import decode_payload as decode_payload
 from ._frames import encode_frame as encode_frame
 from ._frames import frame_timeout as frame_timeout
+from ._frames import parse_header as parse_header
 from ._frames import payload_size as payload_size
 from ._frames import read_header as read_header
 from ._frames import read_leased_payload as read_leased_payload

@@ -72,12 +72,18 @@ async def read_header(
         raise WireError(f"frame header of {length} bytes is too large")
     with trio.fail_after(10):
         body = await read_exactly(stream, length, STALL_S)
+    return parse_header(body, schema)
+
+
+def parse_header(body: bytes, schema: Check) -> tuple[dict[str, Any], int]:
+    """A frame header as ``schema`` admits it, and its payload size, with part sizes
+    checked against shapes before anyone reads on (SchemaError names a bad field)."""
     try:
         header = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack's zoo of errors
         raise WireError(f"frame header is not msgpack: {exc}") from exc
     header = validate(header, schema)
-    return header, payload_size(header)  # sizes match shapes before anyone reads on
+    return header, payload_size(header)
 
 
 def payload_size(header: dict[str, Any]) -> int:
@@ -115,6 +121,22 @@ async def read_payload(
                 tensors[str(tensor["name"])] = _codecs.decode(tensor, parts)
             except _codecs.CodecError as exc:
                 raise WireError(f"tensor {tensor['name']!r}: {exc}") from exc
+    return tensors
+
+
+def decode_payload(header: dict[str, Any], payload: np.ndarray) -> dict[str, np.ndarray]:
+    """The tensors of a frame whose payload arrived whole in one buffer (a direct link's):
+    each a view into it, nothing copied unless a codec decodes it."""
+    tensors, offset = {}, 0
+    for tensor in header["tensors"]:
+        parts = []
+        for (dtype, shape), size in zip(_codecs.part_layout(tensor), tensor["sizes"], strict=True):
+            parts.append(payload[offset : offset + size].view(dtype).reshape(shape))
+            offset += size
+        try:
+            tensors[str(tensor["name"])] = _codecs.decode(tensor, parts)
+        except _codecs.CodecError as exc:
+            raise WireError(f"tensor {tensor['name']!r}: {exc}") from exc
     return tensors
 
 
