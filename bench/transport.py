@@ -1,32 +1,132 @@
-"""What one hop costs below Salala: py-libp2p (Noise + Yamux) ping-pong on loopback.
+"""What one hop costs: the floors under it, py-libp2p, and the mesh's direct link.
 
-Two hosts built exactly as nodes build them, in one process, one stream: write a
-payload, wait for a one-byte answer. This is the floor under every inference hop and
-training frame; it is the number that decides whether the latency targets can be met.
+One connection on 127.0.0.1, a payload sent, a one-byte answer read; median ms over
+ROUNDS round trips after warm-up, all in one run so the columns compare. The answering
+side runs in a child process, as the next node would, so the two ends never share a
+GIL or an event loop:
+
+- raw TCP and TLS 1.3 over blocking sockets in threads (the floor a Python program can
+  reach: the kernel and OpenSSL do the work, with the GIL released);
+- raw TCP and TLS 1.3 through trio's streams (framing in Python on the event loop);
+- py-libp2p, two hosts built as nodes build them (Noise and Yamux);
+- the mesh link: two ``DirectLinks`` as nodes run them, a frame of the payload one way
+  and a frame of one byte back, through the channels and handlers inference frames take.
 """
 
+import multiprocessing
+import socket
+import ssl
 import statistics
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from salala.mesh.membership._host import open_host
+from salala.mesh.membership._host import open_host, parse_multiaddrs
+from salala.mesh.wire import (
+    DirectLinks,
+    FrameBudget,
+    LinkAddress,
+    LinkFrame,
+    encode_frame,
+    load_link_identity,
+)
 
 PROTOCOL = TProtocol("/salala-bench/ping/1.0.0")
-SIZES = (16, 64 << 10, 196 << 10, 1 << 20)
-ROUNDS = 200
+SIZES = {
+    "16 B": 16,
+    "2.3 KB (a token's hidden state)": 2304,
+    "196 KB (a MiniLM activation)": 196_608,
+    "1 MiB": 1 << 20,
+}
+ROUNDS = 400
+WARMUP = 40
 TIMEOUT_S = 60.0
+SECRET = b"salala bench mesh key, 32 bytes!"
+FLOOR = "TLS 1.3, threads (the floor)"
+LINK = "mesh direct link"
+LIBP2P = "py-libp2p (Noise+Yamux)"
 
 
-async def _round_trips(size: int) -> list[float]:
-    loopback = ["/ip4/127.0.0.1/tcp/0"]
-    async with (
-        open_host(create_new_key_pair(), loopback) as client,
-        open_host(create_new_key_pair(), loopback, frozenset({PROTOCOL})) as server,
-    ):
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples[WARMUP:]) * 1000, 3)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> None:
+    view = memoryview(bytearray(size))
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("closed")
+        got += n
+
+
+def _context(root: Path, name: str, server: bool) -> ssl.SSLContext:
+    """A context presenting a mesh link certificate, so the TLS floor pays the direct
+    link's handshake and cipher."""
+    identity = load_link_identity(root / name, SECRET, name)
+    return identity.server if server else identity.client
+
+
+# ---- the answering side, in a child process --------------------------------------------
+
+
+def _answer_threaded(size: int, root: Path | None, pipe: Connection) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    pipe.send(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if root is not None:
+        conn = _context(root, "answer", server=True).wrap_socket(conn, server_side=True)
+    try:
+        while True:
+            _recv_exactly(conn, size)
+            conn.sendall(b"k")
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, count: int) -> None:
+    while count:
+        chunk = await stream.receive_some(count)
+        if not chunk:
+            raise ConnectionError("closed")
+        count -= len(chunk)
+
+
+async def _answer_trio(size: int, root: Path | None, pipe: Connection) -> None:
+    context = _context(root, "answer", server=True) if root is not None else None
+
+    async def answer(stream: trio.abc.Stream) -> None:
+        if context is not None:
+            stream = trio.SSLStream(stream, context, server_side=True)
+        try:
+            while True:
+                await _read_exactly(stream, size)
+                await stream.send_all(b"k")
+        except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), answer, 0)
+        pipe.send(listeners[0].socket.getsockname()[1])
+
+
+async def _answer_libp2p(size: int, root: Path | None, pipe: Connection) -> None:
+    async with open_host(
+        create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"], frozenset({PROTOCOL})
+    ) as host:
 
         async def answer(stream: Any) -> None:
             while True:
@@ -35,31 +135,178 @@ async def _round_trips(size: int) -> list[float]:
                     left -= len(await stream.read(left))
                 await stream.write(b"k")
 
-        server.set_stream_handler(PROTOCOL, answer)
-        with trio.fail_after(TIMEOUT_S):
-            await client.connect(PeerInfo(server.get_id(), server.get_addrs()))
-            stream = await client.new_stream(server.get_id(), [PROTOCOL])
-            payload = b"x" * size
-            samples = []
-            for _ in range(ROUNDS):
-                started = time.perf_counter()
-                await stream.write(payload)
-                await stream.read(1)
-                samples.append((time.perf_counter() - started) * 1000)
-            await stream.reset()
-    return samples[ROUNDS // 10 :]  # the first rounds grow Yamux's window
+        host.set_stream_handler(PROTOCOL, answer)
+        pipe.send((host.get_id().to_base58(), [str(a) for a in host.get_addrs()]))
+        await trio.sleep_forever()
+
+
+async def _answer_link(size: int, root: Path | None, pipe: Connection) -> None:
+    assert root is not None
+    links = DirectLinks(load_link_identity(root / "b", SECRET, "peer-b"), [("127.0.0.1", 0)])
+    pong = encode_frame({"kind": "pong"}, {"x": np.zeros(1, dtype=np.uint8)})
+
+    async def answer(peer_id: str, frame: LinkFrame) -> None:
+        if frame.lease is not None:
+            frame.lease.release()
+        await links.send("peer-a", PROTOCOL, *pong, TIMEOUT_S)
+
+    links.handle(PROTOCOL, answer, 1 << 28, FrameBudget(1 << 30, 1 << 29))
+    await links.listen()
+    pipe.send((links.port, links.identity.pin))
+    port, pin = await trio.to_thread.run_sync(pipe.recv)
+    links.set_pins({"peer-a": LinkAddress(("127.0.0.1",), port, pin)})
+    await links.run()
+
+
+ANSWERERS: dict[str, Callable[[int, Path | None, Connection], Any]] = {
+    "threaded": _answer_threaded,
+    "trio": lambda size, root, pipe: trio.run(_answer_trio, size, root, pipe),
+    "libp2p": lambda size, root, pipe: trio.run(_answer_libp2p, size, root, pipe),
+    "link": lambda size, root, pipe: trio.run(_answer_link, size, root, pipe),
+}
+
+
+def _answering(kind: str, size: int, root: Path | None, pipe: Connection) -> None:
+    ANSWERERS[kind](size, root, pipe)
+
+
+@contextmanager
+def _answerer(kind: str, size: int, root: Path | None) -> Iterator[Connection]:
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_answering, args=(kind, size, root, child), daemon=True)
+    process.start()
+    try:
+        yield parent
+    finally:
+        process.kill()
+        process.join(10)
+
+
+# ---- the asking side, here ---------------------------------------------------------------
+
+
+def _threaded(size: int, tls: bool) -> float:
+    root = Path(tempfile.mkdtemp(prefix="salala-bench-tls-")) if tls else None
+    with _answerer("threaded", size, root) as pipe:
+        sock = socket.create_connection(("127.0.0.1", pipe.recv()))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if root is not None:
+            sock = _context(root, "ask", server=False).wrap_socket(sock)
+        payload = memoryview(b"x" * size)
+        samples = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            sock.sendall(payload)
+            _recv_exactly(sock, 1)
+            samples.append(time.perf_counter() - started)
+        sock.close()
+    return _median_ms(samples)
+
+
+async def _trio_streams(size: int, tls: bool) -> float:
+    root = Path(tempfile.mkdtemp(prefix="salala-bench-tls-")) if tls else None
+    with _answerer("trio", size, root) as pipe:
+        port = await trio.to_thread.run_sync(pipe.recv)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if root is not None:
+            context = _context(root, "ask", server=False)
+            stream = trio.SSLStream(stream, context, server_hostname=None)
+        payload = b"x" * size
+        samples = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            await stream.send_all(payload)
+            await _read_exactly(stream, 1)
+            samples.append(time.perf_counter() - started)
+        await stream.aclose()
+    return _median_ms(samples)
+
+
+async def _libp2p(size: int) -> float:
+    with _answerer("libp2p", size, None) as pipe:
+        peer_id, addrs = await trio.to_thread.run_sync(pipe.recv)
+        async with open_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as host:
+            with trio.fail_after(TIMEOUT_S):
+                peer = ID.from_base58(peer_id)
+                await host.connect(PeerInfo(peer, parse_multiaddrs(addrs)))
+                stream = await host.new_stream(peer, [PROTOCOL])
+                payload = b"x" * size
+                samples = []
+                for _ in range(ROUNDS):
+                    started = time.perf_counter()
+                    await stream.write(payload)
+                    left = 1
+                    while left:
+                        left -= len(await stream.read(left))
+                    samples.append(time.perf_counter() - started)
+                await stream.reset()
+    return _median_ms(samples)
+
+
+async def _mesh_link(size: int) -> float:
+    """A frame of ``size`` payload bytes over this node's direct link, and a one-byte
+    frame back over the other node's: what an inference hop and its answer take."""
+    root = Path(tempfile.mkdtemp(prefix="salala-bench-link-"))
+    links = DirectLinks(load_link_identity(root / "a", SECRET, "peer-a"), [("127.0.0.1", 0)])
+    ping = encode_frame({"kind": "ping"}, {"x": np.zeros(size, dtype=np.uint8)})
+    answered = trio.Event()
+
+    async def on_answer(peer_id: str, frame: LinkFrame) -> None:
+        if frame.lease is not None:
+            frame.lease.release()
+        answered.set()
+
+    links.handle(PROTOCOL, on_answer, 1 << 28, FrameBudget(1 << 30, 1 << 29))
+    await links.listen()
+    with _answerer("link", size, root) as pipe:
+        port, pin = await trio.to_thread.run_sync(pipe.recv)
+        pipe.send((links.port, links.identity.pin))
+        links.set_pins({"peer-b": LinkAddress(("127.0.0.1",), port, pin)})
+        samples = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            with trio.fail_after(TIMEOUT_S):
+                while links.describe("peer-b")["path"] != "direct":
+                    await trio.sleep(0.01)
+                for _ in range(ROUNDS):
+                    answered = trio.Event()
+                    started = time.perf_counter()
+                    await links.send("peer-b", PROTOCOL, *ping, TIMEOUT_S)
+                    await answered.wait()
+                    samples.append(time.perf_counter() - started)
+            nursery.cancel_scope.cancel()
+    return _median_ms(samples)
+
+
+PATHS: dict[str, Callable[[int], float]] = {
+    "raw TCP, threads": lambda size: _threaded(size, tls=False),
+    FLOOR: lambda size: _threaded(size, tls=True),
+    "raw TCP, trio": lambda size: trio.run(_trio_streams, size, False),
+    "TLS 1.3, trio SSLStream": lambda size: trio.run(_trio_streams, size, True),
+    LIBP2P: lambda size: trio.run(_libp2p, size),
+    LINK: lambda size: trio.run(_mesh_link, size),
+}
 
 
 def run() -> list[dict[str, Any]]:
     rows = []
-    for size in SIZES:
-        samples = trio.run(_round_trips, size)
-        median = statistics.median(samples)
-        rows.append(
-            {
-                "payload_bytes": size,
-                "round_trip_ms": round(median, 3),
-                "MB_per_s": round(size / (median / 1000) / 1e6, 1),
-            }
-        )
+    for label, size in SIZES.items():
+        row: dict[str, Any] = {"payload": label, "bytes": size}
+        for path, measure in PATHS.items():
+            row[path] = measure(size)
+        row["link / TLS floor"] = round(row[LINK] / row[FLOOR], 2)
+        row["libp2p / TLS floor"] = round(row[LIBP2P] / row[FLOOR], 2)
+        rows.append(row)
     return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A mesh-link hop at most 1.5x the threaded TLS floor, for 16 B and for 196 KB."""
+    return {
+        f"mesh link / TLS floor, {row['payload']} (target <= 1.5)": (
+            f"{row['link / TLS floor']} ({'PASS' if row['link / TLS floor'] <= 1.5 else 'MISS'})"
+        )
+        for row in rows
+        if row["bytes"] in (16, 196_608)
+    }

@@ -6,20 +6,11 @@ work is done; a stage leases its output before forwarding it. When the budget is
 the reader stops reading, the sender's stream window fills and its writes wait: that is
 the backpressure, end to end, measured in bytes rather than in queued tasks. The
 per-peer share keeps one member (or one flood of streams) from taking the whole budget.
-
-Direct links read frames in threads, which lease from the same budget while blocking
-(``lease_blocking``); leases are released on trio's thread only.
 """
 
-import threading
 from collections import Counter
-from collections.abc import Callable
 
 import trio
-
-
-class GaveUp(Exception):
-    """A blocking lease was abandoned (its reader is shutting down)."""
 
 
 class FrameBudget:
@@ -31,7 +22,6 @@ class FrameBudget:
         self._used = 0
         self._by_peer: Counter[str] = Counter()
         self._released = trio.Event()
-        self._freed = threading.Condition()  # guards the counts; threads wait on it
 
     @property
     def used(self) -> int:
@@ -45,40 +35,17 @@ class FrameBudget:
         """Wait until ``size`` bytes fit in the budget and in ``peer_id``'s share."""
         if not self.fits(size):
             raise ValueError(f"{size} bytes exceed a peer's share of {self.per_peer}")
-        while True:
-            released = self._released
-            with self._freed:
-                if self._room(peer_id, size):
-                    return self._take(peer_id, size)
-            await released.wait()
-
-    def lease_blocking(self, peer_id: str, size: int, give_up: Callable[[], bool]) -> "Lease":
-        """``lease`` for a thread: blocks until the bytes fit, or raises GaveUp once
-        ``give_up()`` says so (it is asked every half second)."""
-        if not self.fits(size):
-            raise ValueError(f"{size} bytes exceed a peer's share of {self.per_peer}")
-        with self._freed:
-            while not self._room(peer_id, size):
-                if give_up():
-                    raise GaveUp
-                self._freed.wait(0.5)
-            return self._take(peer_id, size)
-
-    def _room(self, peer_id: str, size: int) -> bool:
-        return self._used + size <= self.total and self._by_peer[peer_id] + size <= self.per_peer
-
-    def _take(self, peer_id: str, size: int) -> "Lease":
+        while self._used + size > self.total or self._by_peer[peer_id] + size > self.per_peer:
+            await self._released.wait()
         self._used += size
         self._by_peer[peer_id] += size
         return Lease(self, peer_id, size)
 
     def _release(self, peer_id: str, size: int) -> None:
-        with self._freed:
-            self._used -= size
-            self._by_peer[peer_id] -= size
-            if not self._by_peer[peer_id]:
-                del self._by_peer[peer_id]
-            self._freed.notify_all()
+        self._used -= size
+        self._by_peer[peer_id] -= size
+        if not self._by_peer[peer_id]:
+            del self._by_peer[peer_id]
         self._released.set()
         self._released = trio.Event()
 

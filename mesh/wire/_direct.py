@@ -1,4 +1,4 @@
-"""Direct links: TLS 1.3 over TCP between members, beside libp2p, with I/O in threads.
+"""Direct links: TLS 1.3 over TCP between members, beside libp2p.
 
 py-libp2p frames every byte in Python on the event loop (Noise, then Yamux); a hop costs
 about 25 times a TLS socket's round trip. So frames (activations, tokens, training
@@ -7,29 +7,29 @@ identity, discovery, membership and control, and is the path of last resort.
 
 - *Who may connect*: see ``_certs`` (mesh authority, then the pin of the named peer).
   A refused peer is closed before a byte of any frame is read or written.
-- *Threads*: a dialed link has one sender thread (it writes frames, and pings to measure
-  RTT and bandwidth); an accepted link has one receiver thread (it reads frames, leases
-  their bytes from the node's budget, and answers pings). Each thread alone reads or
-  writes its socket's TLS state at a time.
-- *Hand-off*: senders queue at most SEND_QUEUE frames per link (a trio semaphore) and
-  wait for their frame to be written, within the wire's frame deadline; receivers hand
-  at most LINK_QUEUE frames to trio (a thread semaphore) and block beyond that, so a
-  slow consumer fills TCP's window and the sender waits: the same backpressure as the
-  libp2p path.
+- *Who moves the bytes*: OpenSSL, in C with the GIL released, on a non-blocking socket
+  (see ``_linkio``). Frames up to INLINE_MAX go from trio's thread; bigger payloads go
+  in a worker thread, so megabytes never hold the event loop. Handing every frame to a
+  thread, as first built, cost a thread wake per hand-off (about 50 µs here, as much
+  as a whole TLS round trip): 7x the TLS floor for small frames.
+- *Order and backpressure*: one writer at a time per dialed link (a lock, held for a
+  whole frame, within the wire's frame deadline); one reader per accepted link, which
+  leases a frame's bytes from the node's budget before reading its payload, and awaits
+  the frame's handler before reading the next. A slow consumer fills TCP's window and
+  the sender waits: the same backpressure as the libp2p path.
 - *Fallback*: a peer that advertises no link, or whose link cannot be opened, is sent
-  to over libp2p (``LinkDown``), and its link retried after a backoff.
+  to over libp2p (``LinkDown``), and its link is retried after a backoff.
 """
 
 import hashlib
 import logging
-import math
-import queue
 import socket
 import ssl
 import statistics
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,24 +39,24 @@ import trio
 from .._errors import MeshError
 from .._peerid import short_id
 from . import _linkio
-from ._budget import FrameBudget, GaveUp, Lease
+from ._budget import FrameBudget, Lease
 from ._certs import LinkIdentity, fingerprint, peer_named
+from ._frames import frame_timeout
 
 log = logging.getLogger(__name__)
 
-SEND_QUEUE = 4
-LINK_QUEUE = 4
+INLINE_MAX = 256 << 10  # payloads up to this size move on trio's thread
+SMALL = 64 << 10  # frames up to this size leave in one write
 SKIP_AT_MOST = 4  # an over-limit frame up to this many times the limit is read and dropped
 DIAL_TIMEOUT_S = 3.0
 HANDSHAKE_TIMEOUT_S = 5.0
-POLL_S = 1.0  # how often a blocked link thread looks up to see whether to stop
+OPEN_WAIT_S = 1.0  # a frame waits this long for a link still opening, then takes libp2p
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # a link that could not be opened is retried
 PIN_WAIT_S = 5.0  # an authorised dialer's advert may trail its first dial by this
-PROBE_EVERY_S = 30.0  # an idle link re-measures its RTT and bandwidth this often
-PROBE_PINGS = 5
 REGISTER_WAIT_S = 10.0  # services register their channels as the node starts
+PROBE_EVERY_S = 30.0  # a link re-measures its RTT and bandwidth this often
+PROBE_PINGS = 5
 MAX_INBOUND = 256  # accepted links at once, authenticated or not
-MAX_THREADS = 2 * MAX_INBOUND
 
 
 class LinkDown(MeshError):
@@ -101,39 +101,37 @@ def channel_of(protocol: str) -> int:
 
 
 @dataclass
-class _Send:
-    parts: list[bytes | memoryview]
-    size: int
-    done: trio.Event = field(default_factory=trio.Event)
-    error: str | None = None
-    cancelled: bool = False
-
-
-@dataclass
 class _Measured:
     rtt_ms: float | None = None
     bandwidth: float | None = None  # bytes/s
 
 
+@dataclass
 class _Outbound:
-    """One dialed link: its queue, its socket once open, and what it measured."""
+    """One dialed link: its socket once open, its writer lock, what it measured."""
 
-    def __init__(self, peer_id: str, address: LinkAddress) -> None:
-        self.peer_id = peer_id
-        self.address = address
-        self.queue: queue.Queue[_Send | None] = queue.Queue()
-        self.slots = trio.Semaphore(SEND_QUEUE)
-        self.conn: ssl.SSLSocket | None = None
-        self.open = False
-        self.broken: str | None = None
-        self.closing = threading.Event()
-        self.measured = _Measured()
+    peer_id: str
+    address: LinkAddress
+    conn: ssl.SSLSocket | None = None
+    opened: trio.Event = field(default_factory=trio.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    broken: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    measured: _Measured = field(default_factory=_Measured)
+    reader: _linkio.Reader | None = None  # for pongs: only the writer reads a dialed link
 
-    def close(self) -> None:
-        self.closing.set()
-        self.queue.put(None)
+    @property
+    def usable(self) -> bool:
+        return self.conn is not None and self.broken is None
+
+    def end(self, why: str) -> None:
+        """Stop using this link: wake whoever waits on it; its task closes the socket."""
+        self.broken = self.broken or why
+        self.stop.set()
         if self.conn is not None:
             _linkio.shutdown(self.conn)
+        self.scope.cancel()
 
 
 class DirectLinks:
@@ -145,19 +143,18 @@ class DirectLinks:
         self.port: int | None = None  # once listening
         self._binds = binds
         self._listeners: list[trio.socket.SocketType] = []
-        self._pins: dict[str, LinkAddress] = {}  # replaced whole; threads read it
+        self._pins: dict[str, LinkAddress] = {}
         self._channels: dict[int, _Channel] = {}
+        self._registered = trio.Event()
         self._out: dict[str, _Outbound] = {}
-        self._inbound: dict[str, ssl.SSLSocket] = {}
-        self._inbound_lock = threading.Lock()
+        self._inbound: dict[str, tuple[ssl.SSLSocket, trio.CancelScope]] = {}
         self._unavailable: dict[str, tuple[float, str]] = {}  # peer -> (retry at, why)
         self._backoff: dict[str, float] = {}  # peer -> seconds until its next dial
         self._fallback_rate: dict[str, float] = {}  # peer -> bytes/s seen over libp2p
-        self._threads = trio.CapacityLimiter(MAX_THREADS)
         self._accepting = trio.Semaphore(MAX_INBOUND)
+        self._threads = trio.CapacityLimiter(16)  # big payloads moving at once
         self._stopping = threading.Event()
         self._nursery: trio.Nursery | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
 
     # ---- what the services and the mesh use ------------------------------------------
 
@@ -179,20 +176,20 @@ class DirectLinks:
             if pins.get(peer_id) != address:
                 self._drop(peer_id)
         for peer_id in pins:
-            if peer_id not in self._out:
+            out = self._out.get(peer_id)
+            if out is None or out.broken is not None:
                 self._dial(peer_id)
 
     def _drop(self, peer_id: str) -> None:
         out = self._out.pop(peer_id, None)
         if out is not None:
-            out.close()
-        self._unavailable.pop(peer_id, None)
-        self._backoff.pop(peer_id, None)
-        self._fallback_rate.pop(peer_id, None)
-        with self._inbound_lock:
-            conn = self._inbound.pop(peer_id, None)
-        if conn is not None:
-            _linkio.shutdown(conn)
+            out.end("the peer left or changed its link")
+        for table in (self._unavailable, self._backoff, self._fallback_rate):
+            table.pop(peer_id, None)
+        inbound = self._inbound.pop(peer_id, None)
+        if inbound is not None:
+            _linkio.shutdown(inbound[0])
+            inbound[1].cancel()
 
     def _dial(self, peer_id: str) -> _Outbound | None:
         address = self._pins.get(peer_id)
@@ -201,9 +198,10 @@ class DirectLinks:
         retry = self._unavailable.get(peer_id)
         if retry is not None and retry[0] > trio.current_time():
             return None
+        self._unavailable.pop(peer_id, None)
         out = _Outbound(peer_id, address)
         self._out[peer_id] = out
-        self._nursery.start_soon(self._run_outbound, out)
+        self._nursery.start_soon(self._keep_outbound, out)
         return out
 
     async def send(
@@ -211,35 +209,68 @@ class DirectLinks:
     ) -> None:
         """Write one frame to ``peer_id`` over its direct link, within ``timeout``.
 
-        LinkDown when there is no open link (the caller sends over libp2p instead);
-        trio.TooSlowError when the frame did not leave in time (the link is closed: a
-        peer that stops reading is frozen or gone, and libp2p would not fare better).
+        LinkDown when there is no open link, or it broke before this frame began (the
+        caller sends over libp2p instead); trio.TooSlowError when the frame did not
+        leave in time (the link is closed: a peer that stops reading is frozen or gone,
+        and libp2p would not fare better).
         """
         out = self._out.get(peer_id)
         if out is None or out.broken is not None:
-            if out is not None:
-                self._out.pop(peer_id, None)
             out = self._dial(peer_id)
         if out is None:
             raise LinkDown(self.why_not(peer_id))
-        item = _Send(_linkio.frame_parts(channel_of(protocol), head, views), 0)
-        item.size = sum(len(v) for v in views)
+        if not out.opened.is_set():
+            with trio.move_on_after(OPEN_WAIT_S):
+                await out.opened.wait()
+        if not out.usable:
+            raise LinkDown(out.broken or self.why_not(peer_id))
+        size = sum(len(v) for v in views)
+        parts = _linkio.frame_parts(channel_of(protocol), head, views)
+        deadline = trio.current_time() + timeout
+        began = False
         try:
-            with trio.fail_after(timeout):
-                async with out.slots:
-                    out.queue.put(item)
-                    if out.broken is not None and not item.done.is_set():
-                        raise LinkDown(out.broken)  # its thread ended before taking it
-                    await item.done.wait()
-        except trio.TooSlowError:
-            out.broken = f"a frame of {item.size} bytes did not leave within {timeout:.0f} s"
-            out.close()
-            raise
+            with trio.fail_at(deadline):
+                async with _held(out.lock):
+                    conn = out.conn
+                    if not out.usable or conn is None:
+                        raise LinkDown(out.broken or "closed")
+                    began = True
+                    if size + len(head) <= SMALL:
+                        await _linkio.send_inline(conn, b"".join(parts))
+                    elif size <= INLINE_MAX:
+                        for part in parts:
+                            await _linkio.send_inline(conn, part)
+                    else:
+                        await _linkio.send_inline(conn, b"".join(parts[:2]))
+                        await self._in_thread(
+                            _linkio.send_blocking, conn, list(views), out.stop, deadline
+                        )
+        except _linkio.LinkClosed as exc:
+            out.end(str(exc))
+            raise LinkDown(f"the direct link to {short_id(peer_id)} {exc}") from exc
         except BaseException:
-            item.cancelled = True  # a frame not yet begun is skipped
+            if began:  # part of a frame is on the wire: the link cannot go on
+                out.end("a frame was abandoned half-written")
             raise
-        if item.error is not None:
-            raise LinkDown(item.error)
+
+    async def _in_thread(
+        self,
+        work: Callable[[ssl.SSLSocket, Any, Callable[[], bool]], Any],
+        conn: ssl.SSLSocket,
+        arg: Any,
+        stop: threading.Event,
+        deadline: float,
+    ) -> Any:
+        """A big payload's I/O in a worker thread. The thread gives up at the deadline,
+        or when the link or the node stops, so waiting for it is bounded."""
+        seconds = max(0.0, deadline - trio.current_time())
+
+        def stopped() -> bool:
+            return stop.is_set() or self._stopping.is_set()
+
+        return await trio.to_thread.run_sync(
+            _with_deadline, work, conn, arg, stopped, seconds, limiter=self._threads
+        )
 
     def why_not(self, peer_id: str) -> str:
         if peer_id not in self._pins:
@@ -258,13 +289,13 @@ class DirectLinks:
         """The path frames to ``peer_id`` take and what it measured (RTT in ms and
         bandwidth in bytes/s; for the libp2p path the caller knows the RTT)."""
         out = self._out.get(peer_id)
-        if out is not None and out.open and out.broken is None:
+        if out is not None and out.usable:
             return {
                 "path": "direct",
                 "rtt_ms": out.measured.rtt_ms,
                 "bandwidth": out.measured.bandwidth,
             }
-        if out is not None and out.broken is None and peer_id not in self._unavailable:
+        if out is not None and out.broken is None:
             return {"path": "opening", "rtt_ms": None, "bandwidth": None}
         return {
             "path": "libp2p",
@@ -278,38 +309,14 @@ class DirectLinks:
         return [
             o.measured.bandwidth
             for o in self._out.values()
-            if o.open and o.measured.bandwidth is not None
+            if o.usable and o.measured.bandwidth is not None
         ]
 
     # ---- lifetime --------------------------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept and dial links until cancelled (``listen`` first, to have a port)."""
-        listeners = self._listeners
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._token = trio.lowlevel.current_trio_token()
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener)
-                for peer_id in self._pins:
-                    self._dial(peer_id)
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._stopping.set()
-            for out in self._out.values():
-                out.close()
-            with self._inbound_lock:
-                for conn in self._inbound.values():
-                    _linkio.shutdown(conn)
-            for listener in listeners:
-                listener.close()
-
     async def listen(self) -> None:
         """Bind every listen host to one port (the first bind picks it when 0). A bind
         that fails leaves the node without a link there; peers then use libp2p."""
-        listeners = []
         port = None
         for host, wanted in self._binds:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -319,15 +326,34 @@ class DirectLinks:
                 await sock.bind((host, port if port is not None else wanted))
                 sock.listen(64)
             except OSError as exc:
-                log.warning(
-                    "no direct link on %s:%s (%s); peers will use libp2p", host, wanted, exc
-                )
+                log.warning("no direct link on %s:%s (%s); peers use libp2p", host, wanted, exc)
                 sock.close()
                 continue
             port = sock.getsockname()[1]
-            listeners.append(sock)
+            self._listeners.append(sock)
         self.port = port
-        self._listeners = listeners
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and dial links until cancelled (``listen`` first, to have a port)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for listener in self._listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+                for peer_id in self._pins:
+                    self._dial(peer_id)
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:  # before the nursery waits: wake worker threads so they end
+                    self._stopping.set()
+                    for out in self._out.values():
+                        out.end("the node is stopping")
+                    for conn, _ in self._inbound.values():
+                        _linkio.shutdown(conn)
+        finally:
+            for listener in self._listeners:
+                listener.close()
 
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
         assert self._nursery is not None
@@ -342,161 +368,137 @@ class DirectLinks:
     # ---- accepted links ----------------------------------------------------------
 
     async def _run_inbound(self, conn: socket.socket) -> None:
-        send, receive = trio.open_memory_channel[tuple[int, LinkFrame]](math.inf)
-        slots = threading.Semaphore(LINK_QUEUE)  # what really bounds the channel
-        peer: list[str] = []
-        async with self._accepting, trio.open_nursery() as nursery:
-            nursery.start_soon(self._consume, receive, slots, peer)
-            async with send:
-                try:
-                    await trio.to_thread.run_sync(
-                        self._receive,
-                        conn,
-                        send,
-                        slots,
-                        peer,
-                        limiter=self._threads,
-                        abandon_on_cancel=True,  # type: ignore[call-arg]  # stale trio-stubs
-                    )
-                finally:
-                    _linkio.shutdown(conn)
+        async with self._accepting:
+            conn.setblocking(False)
+            tls = self.identity.server.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False
+            )
+            try:
+                peer_id = await self._admit(tls)
+                if peer_id is None:
+                    return
+                scope = trio.CancelScope()
+                previous = self._inbound.get(peer_id)
+                self._inbound[peer_id] = (tls, scope)
+                if previous is not None:  # the peer redialed: its old link is dead to it
+                    _linkio.shutdown(previous[0])
+                    previous[1].cancel()
+                with scope:
+                    try:
+                        await self._read_frames(tls, peer_id)
+                    except (_linkio.LinkClosed, trio.TooSlowError) as exc:
+                        log.debug("direct link from %s ended: %s", short_id(peer_id), exc)
+                if self._inbound.get(peer_id, (None,))[0] is tls:
+                    del self._inbound[peer_id]
+            finally:
+                tls.close()
 
-    async def _consume(
-        self,
-        receive: trio.MemoryReceiveChannel[tuple[int, LinkFrame]],
-        slots: threading.Semaphore,
-        peer: list[str],
-    ) -> None:
-        async with receive:
-            async for channel, frame in receive:
-                slots.release()
-                try:
-                    await self._channels[channel].handler(peer[0], frame)
-                except Exception as exc:  # a handler's failure ends only this frame
-                    log.debug("a frame from %s failed: %r", short_id(peer[0]), exc)
-                    if frame.lease is not None:
-                        frame.lease.release()
-
-    def _stopped(self) -> bool:
-        return self._stopping.is_set()
-
-    def _receive(
-        self,
-        conn: socket.socket,
-        send: trio.MemorySendChannel[tuple[int, LinkFrame]],
-        slots: threading.Semaphore,
-        peer: list[str],
-    ) -> None:
-        """The receiver thread of an accepted link: handshake, check the pin, then
-        read frames until the link ends."""
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+    async def _admit(self, tls: ssl.SSLSocket) -> str | None:
+        """Handshake, then the pin: the peer id of a member, or None (and not a byte of
+        a frame is read). The certificate passed the mesh authority, so a member may be
+        dialing before its advert reaches us: its pin gets PIN_WAIT_S to arrive."""
+        remote = _remote(tls)
         try:
-            tls = self.identity.server.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError) as exc:  # strangers end here, inside OpenSSL
-            log.info("refused a direct link from %s: %s", _remote(conn), exc)
-            conn.close()
-            return
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await _handshake(tls)
+        except (OSError, ssl.SSLError, trio.TooSlowError) as exc:  # strangers end here
+            log.info("refused a direct link from %s: %s", remote, exc)
+            return None
         der = tls.getpeercert(binary_form=True) or b""
         named = peer_named(der)
-        if named is None or not self._pinned(named, fingerprint(der)):
-            log.info(
-                "refused a direct link from %s: its certificate is not %s's pin",
-                _remote(tls),
-                short_id(named) if named else "any member",
-            )
-            tls.close()
-            return
-        assert named is not None
-        peer.append(named)
-        with self._inbound_lock:
-            previous, self._inbound[named] = self._inbound.get(named), tls
-        if previous is not None:
-            _linkio.shutdown(previous)  # the peer redialed: its old link is dead to it
-        tls.settimeout(POLL_S)
-        try:
-            self._read_frames(tls, named, send, slots)
-        except (_linkio.LinkClosed, GaveUp) as exc:
-            log.debug("direct link from %s ended: %s", short_id(named), exc)
-        finally:
-            with self._inbound_lock:
-                if self._inbound.get(named) is tls:
-                    del self._inbound[named]
-            tls.close()
+        with trio.move_on_after(PIN_WAIT_S):
+            while named is not None and named not in self._pins:
+                await trio.sleep(0.1)
+        address = self._pins.get(named) if named is not None else None
+        if named is None or address is None or address.pin != fingerprint(der):
+            who = short_id(named) if named else "any member"
+            log.info("refused a direct link from %s: its certificate is not %s's pin", remote, who)
+            return None
+        return named
 
-    def _pinned(self, peer_id: str, pin: str) -> bool:
-        """Whether ``pin`` is ``peer_id``'s pin. The certificate passed the mesh
-        authority, so a member may be dialing before its advert reaches us: its pin
-        gets PIN_WAIT_S to arrive. Nothing is read from the link meanwhile."""
-        deadline = time.monotonic() + PIN_WAIT_S
+    async def _read_frames(self, tls: ssl.SSLSocket, peer_id: str) -> None:
+        reader = _linkio.Reader(tls)
         while True:
-            address = self._pins.get(peer_id)
-            if address is not None:
-                return address.pin == pin
-            if time.monotonic() > deadline or self._stopped():
-                return False
-            time.sleep(0.1)
-
-    def _read_frames(
-        self,
-        tls: ssl.SSLSocket,
-        peer_id: str,
-        send: trio.MemorySendChannel[tuple[int, LinkFrame]],
-        slots: threading.Semaphore,
-    ) -> None:
-        stopped = self._stopped
-        assert self._token is not None
-        while True:
-            channel, size, body = _linkio.read_prefix(tls, stopped)
+            channel, size, body = await reader.prefix()
             if channel == _linkio.PING:
-                _linkio.answer_ping(tls, size, stopped)
+                await _linkio.answer_ping(reader, size)
                 continue
-            spec = self._channel(channel)
+            spec = self._channels.get(channel)
+            if spec is None:
+                with trio.move_on_after(REGISTER_WAIT_S):  # a node still starting
+                    while (spec := self._channels.get(channel)) is None:
+                        await trio.sleep(0.05)
+                if spec is None:
+                    raise _linkio.LinkClosed(f"a frame on unknown channel {channel}")
+            deadline = trio.current_time() + frame_timeout(size)
             if size > spec.max_payload:
                 if size > SKIP_AT_MOST * spec.max_payload:
                     raise _linkio.LinkClosed(f"a frame of {size} bytes is not worth reading")
-                _linkio.skip(tls, size, stopped)
+                left = size - reader.take(memoryview(bytearray(min(size, reader.buffered))))
+                stop = threading.Event()
+                await self._in_thread(_linkio.skip_blocking, tls, left, stop, deadline)
                 frame = LinkFrame(body, size, None, None)
             else:
-                lease = spec.budget.lease_blocking(peer_id, size, stopped) if size else None
+                # Room in the node's budget first: a sender whose frames we cannot hold
+                # yet is slowed down (its writes wait), never mistaken for dead.
+                lease = await spec.budget.lease(peer_id, size) if size else None
                 try:
-                    payload = _linkio.read_payload(tls, size, stopped)
+                    payload = await self._payload(reader, size, deadline)
+                    frame = LinkFrame(body, size, payload, lease)
                 except BaseException:
                     if lease is not None:
-                        self._token.run_sync_soon(lease.release)
+                        lease.release()
                     raise
-                frame = LinkFrame(body, size, payload, lease)
-            while not slots.acquire(timeout=POLL_S):
-                if stopped():
-                    raise _linkio.LinkClosed("shut down")
-            self._token.run_sync_soon(_hand_over, send, channel, frame)
+            try:
+                await spec.handler(peer_id, frame)
+            except Exception as exc:  # a handler's failure ends only this frame
+                log.debug("a frame from %s failed: %r", short_id(peer_id), exc)
+                if frame.lease is not None:
+                    frame.lease.release()
 
-    def _channel(self, channel: int) -> _Channel:
-        """A channel's handler; one a node is still starting gets REGISTER_WAIT_S."""
-        deadline = time.monotonic() + REGISTER_WAIT_S
-        while (spec := self._channels.get(channel)) is None:
-            if time.monotonic() > deadline or self._stopped():
-                raise _linkio.LinkClosed(f"a frame on unknown channel {channel}")
-            time.sleep(0.05)
-        return spec
+    async def _payload(self, reader: _linkio.Reader, size: int, deadline: float) -> np.ndarray:
+        payload = np.empty(size, dtype=np.uint8)
+        if size > INLINE_MAX:
+            got = reader.take(payload.data)
+            filling = (payload, got)
+            stop = threading.Event()
+            return await self._in_thread(
+                _linkio.recv_blocking, reader.conn, filling, stop, deadline
+            )
+        with trio.fail_at(deadline):
+            await reader.into(payload.data)
+        return payload
 
     # ---- dialed links ------------------------------------------------------------
 
-    async def _run_outbound(self, out: _Outbound) -> None:
-        try:
-            await trio.to_thread.run_sync(
-                self._send_loop,
-                out,
-                limiter=self._threads,
-                abandon_on_cancel=True,  # type: ignore[call-arg]  # stale trio-stubs
-            )
-        finally:
-            out.close()
-            if self._out.get(out.peer_id) is out and out.broken is None:
-                out.broken = "closed"
+    async def _keep_outbound(self, out: _Outbound) -> None:
+        """Open a dialed link, measure it, and re-measure it now and then; a link that
+        cannot be opened sends its peer's frames to libp2p for a while."""
+        with out.scope:
+            try:
+                out.conn = await self._open(out)
+                out.reader = _linkio.Reader(out.conn)
+                self._backoff.pop(out.peer_id, None)
+                out.opened.set()
+                while True:
+                    async with out.lock:
+                        await self._measure(out)
+                    await trio.sleep(PROBE_EVERY_S)
+            except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+                if out.conn is None:
+                    why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
+                    log.info("%s; using libp2p", why)
+                    self._unavailable_now(out, why)
+                out.end(str(exc) or type(exc).__name__)
+        out.opened.set()
+        out.end("closed")
+        async with out.lock:  # a frame in the middle of a write ends first
+            if out.conn is not None:
+                out.conn.close()
 
     def _unavailable_now(self, out: _Outbound, why: str) -> None:
-        """Called on trio's thread: frames to this peer take libp2p for a while (which
-        doubles, up to RETRY_MAX_S, while dials keep failing)."""
+        """Frames to this peer take libp2p for a while (which doubles, up to RETRY_MAX_S,
+        while dials keep failing)."""
         if self._pins.get(out.peer_id) == out.address:
             delay = self._backoff.get(out.peer_id, RETRY_MIN_S)
             self._backoff[out.peer_id] = min(RETRY_MAX_S, delay * 2)
@@ -504,110 +506,77 @@ class DirectLinks:
         if self._out.get(out.peer_id) is out:
             del self._out[out.peer_id]
 
-    def _send_loop(self, out: _Outbound) -> None:
-        """The sender thread of a dialed link: dial, check the pin, measure, then write
-        frames until the link ends; frames it could not write fail with the reason."""
-        assert self._token is not None
-        try:
-            out.conn = self._open(out)
-        except (_linkio.LinkClosed, OSError, ssl.SSLError) as exc:
-            why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
-            log.info("%s; using libp2p", why)
-            self._token.run_sync_soon(self._unavailable_now, out, why)
-            self._fail_queued(out, why)
-            return
-        out.open = True
-        self._token.run_sync_soon(self._backoff.pop, out.peer_id, None)
-        try:
-            self._measure(out)
-            while True:
-                try:
-                    item = out.queue.get(timeout=PROBE_EVERY_S)
-                except queue.Empty:
-                    self._measure(out)
-                    continue
-                if item is None or out.closing.is_set():
-                    if item is not None:
-                        self._finish(item, "the link was closed")
-                    break
-                if item.cancelled:
-                    self._finish(item, None)
-                    continue
-                try:
-                    _linkio.send_all(out.conn, item.parts)
-                except _linkio.LinkClosed as exc:
-                    self._finish(item, f"the direct link to {short_id(out.peer_id)} {exc}")
-                    raise
-                self._finish(item, None)
-        except _linkio.LinkClosed as exc:
-            out.broken = str(exc)
-            log.debug("direct link to %s ended: %s", short_id(out.peer_id), exc)
-        finally:
-            out.broken = out.broken or "closed"
-            self._fail_queued(out, out.broken)
-            out.conn.close()
-
-    def _open(self, out: _Outbound) -> ssl.SSLSocket:
+    async def _open(self, out: _Outbound) -> ssl.SSLSocket:
         last: Exception = _linkio.LinkClosed("no address")
         for host in out.address.hosts:
             try:
-                conn = socket.create_connection((host, out.address.port), DIAL_TIMEOUT_S)
-            except OSError as exc:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    stream = await trio.open_tcp_stream(host, out.address.port)
+            except (OSError, trio.TooSlowError) as exc:
                 last = exc
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            plain = socket.socket(fileno=stream.socket.detach())
+            plain.setblocking(False)
+            tls = self.identity.client.wrap_socket(plain, do_handshake_on_connect=False)
             try:
-                tls = self.identity.client.wrap_socket(conn)
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    await _handshake(tls)
+                der = tls.getpeercert(binary_form=True) or b""
+                if fingerprint(der) != out.address.pin or peer_named(der) != out.peer_id:
+                    raise _linkio.LinkClosed(  # someone else listens there: no frame for it
+                        f"{host}:{out.address.port} presents another certificate than "
+                        f"{short_id(out.peer_id)}'s pin"
+                    )
             except BaseException:
-                conn.close()
+                tls.close()
                 raise
-            der = tls.getpeercert(binary_form=True) or b""
-            if fingerprint(der) != out.address.pin or peer_named(der) != out.peer_id:
-                tls.close()  # someone else listens there: not a byte of any frame for it
-                raise _linkio.LinkClosed(
-                    f"{host}:{out.address.port} presents another certificate than "
-                    f"{short_id(out.peer_id)}'s pin"
-                )
-            tls.settimeout(_linkio.STALL_S)
             return tls
         raise last
 
-    def _measure(self, out: _Outbound) -> None:
-        assert out.conn is not None
-        pings = [_linkio.probe(out.conn, 16, self._stopped) for _ in range(PROBE_PINGS)]
+    async def _measure(self, out: _Outbound) -> None:
+        assert out.reader is not None
+        pings = [await _linkio.probe(out.reader, 16) for _ in range(PROBE_PINGS)]
         rtt = statistics.median(pings)
-        bulk = _linkio.probe(out.conn, _linkio.MAX_PROBE, self._stopped)
+        bulk = await _linkio.probe(out.reader, _linkio.MAX_PROBE)
         out.measured = _Measured(round(rtt * 1000, 3), _linkio.MAX_PROBE / max(bulk - rtt, 1e-6))
 
-    def _finish(self, item: _Send, error: str | None) -> None:
-        item.error = error
-        assert self._token is not None
-        try:
-            self._token.run_sync_soon(item.done.set)
-        except trio.RunFinishedError:
-            pass
 
-    def _fail_queued(self, out: _Outbound, why: str) -> None:
-        while True:
-            try:
-                item = out.queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                self._finish(item, why)
-
-
-def _hand_over(
-    send: trio.MemorySendChannel[tuple[int, LinkFrame]], channel: int, frame: LinkFrame
-) -> None:
-    """On trio's thread: queue a received frame for its consumer (or drop it, with its
-    lease, when the link's consumer is gone)."""
+@asynccontextmanager
+async def _held(lock: trio.Lock) -> AsyncIterator[None]:
+    """``lock``, taken without a trip through trio's scheduler when it is free: each
+    trip costs about as much as the frame's whole TLS round trip."""
     try:
-        send.send_nowait((channel, frame))
-    except (trio.ClosedResourceError, trio.BrokenResourceError):
-        if frame.lease is not None:
-            frame.lease.release()
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+async def _handshake(tls: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(tls)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(tls)
+
+
+def _with_deadline(
+    work: Callable[..., Any],
+    conn: ssl.SSLSocket,
+    arg: Any,
+    stopped: Callable[[], bool],
+    seconds: float,
+) -> Any:
+    """``work(conn, arg, stopped)`` in a worker thread, giving up after ``seconds``."""
+    until = time.monotonic() + seconds
+    return work(conn, arg, lambda: stopped() or time.monotonic() > until)
 
 
 def _remote(conn: socket.socket) -> str:

@@ -1,17 +1,26 @@
-"""Frames on a direct link's blocking TLS socket: what its two threads do, byte for byte.
+"""Frames on a direct link's TLS socket, byte for byte.
 
     [1-byte channel][8-byte payload size][4-byte header size][header][payload]
 
 The prefix gives the whole frame's size before a payload byte is read, so the receiver
 can refuse or lease it first, and can always find the next frame. Channel 0 is the
 link's own ping (its payload is dropped and answered with a channel-1 pong); the others
-carry one protocol's frames each. Sends go from the callers' memoryviews; receives go
-with ``recv_into`` into a buffer allocated once per frame, which the tensors then view.
+carry one protocol's frames each.
 
-Every call here blocks and runs in a link's thread, never on the event loop. OpenSSL
-does the cryptography in C with the GIL released.
+The socket is non-blocking and OpenSSL does the cryptography in C, with the GIL
+released. Two ways to move bytes, chosen by size (see ``_direct``):
+
+- *inline*, on trio's thread: each call encrypts or decrypts what the kernel takes or
+  holds and returns; trio waits for readiness in between. No thread hand-off, which on
+  this machine costs about as much as a whole TLS round trip;
+- *in a worker thread*, for big payloads: the same calls in a loop that polls the
+  socket, so megabytes never hold the event loop.
+
+Sends go from the callers' memoryviews; receives go with ``recv_into`` into a buffer
+allocated once per frame, which the tensors then view.
 """
 
+import select
 import socket
 import ssl
 import struct
@@ -19,13 +28,17 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import trio
 
 PREFIX = struct.Struct(">BQI")
 PING, PONG = 0, 1
 MAX_HEADER = 1 << 20
 MAX_PROBE = 1 << 20
-SMALL = 64 << 10  # frames up to this size leave in one write
-STALL_S = 10.0  # a frame that moves no byte for this long ends its link
+STALL_S = 10.0  # bytes of a frame that do not move for this long end its link
+POLL_S = 0.5  # how often a worker thread blocked on a socket checks whether to stop
+CHUNK = 1 << 20
+RECORD = 16 << 10  # the most one TLS record carries: what one decrypting read returns
+BUFFER = 64 << 10
 
 
 class LinkClosed(Exception):
@@ -33,9 +46,12 @@ class LinkClosed(Exception):
 
 
 def shutdown(conn: socket.socket) -> None:
-    """Wake any thread blocked on ``conn`` (each then sees the link as closed)."""
+    """End the connection under ``conn`` for every waiter (trio or thread) at once."""
     try:
-        dup = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        fd = conn.fileno()
+        if fd < 0:
+            return
+        dup = socket.socket(fileno=socket.dup(fd))
     except OSError:
         return  # already closed
     try:
@@ -46,49 +62,6 @@ def shutdown(conn: socket.socket) -> None:
         dup.close()
 
 
-def recv_exactly(
-    conn: ssl.SSLSocket, view: memoryview, stopped: Callable[[], bool], idle: bool = False
-) -> None:
-    """Fill ``view``. Waiting for the first byte of an ``idle`` read may last forever
-    (until ``stopped``); otherwise STALL_S without progress ends the link."""
-    got, last = 0, time.monotonic()
-    while got < len(view):
-        try:
-            n = conn.recv_into(view[got:])
-        except TimeoutError:
-            if stopped():
-                raise LinkClosed("shut down") from None
-            if idle and not got:
-                continue
-            if time.monotonic() - last > STALL_S:
-                raise LinkClosed(f"stalled after {got} of {len(view)} bytes") from None
-            continue
-        except (OSError, ssl.SSLError) as exc:
-            raise LinkClosed(f"broken: {exc!r}") from exc
-        if not n:
-            raise LinkClosed("closed by the peer" if not got else f"closed after {got} bytes")
-        got, last = got + n, time.monotonic()
-
-
-def skip(conn: ssl.SSLSocket, size: int, stopped: Callable[[], bool]) -> None:
-    scratch = memoryview(bytearray(min(size, 1 << 20)))
-    while size:
-        part = scratch[: min(size, len(scratch))]
-        recv_exactly(conn, part, stopped)
-        size -= len(part)
-
-
-def send_all(conn: ssl.SSLSocket, parts: list[bytes | memoryview]) -> None:
-    """Write whole frames: small ones joined into one write, big ones from their views."""
-    if sum(len(p) for p in parts) <= SMALL:
-        parts = [b"".join(parts)]
-    try:
-        for part in parts:
-            conn.sendall(part)
-    except (OSError, ssl.SSLError) as exc:  # a send timeout is an OSError too
-        raise LinkClosed(f"broken: {exc!r}") from exc
-
-
 def frame_parts(channel: int, head: bytes, views: list[memoryview]) -> list[bytes | memoryview]:
     """A frame as written: prefix, then the wire's head (its 4-byte length stripped, as
     the prefix carries it), then the payload views."""
@@ -97,37 +70,201 @@ def frame_parts(channel: int, head: bytes, views: list[memoryview]) -> list[byte
     return [PREFIX.pack(channel, size, len(body)), body, *views]
 
 
-def read_prefix(conn: ssl.SSLSocket, stopped: Callable[[], bool]) -> tuple[int, int, bytes]:
-    """(channel, payload size, header bytes) of the next frame; waits while idle."""
-    prefix = bytearray(PREFIX.size)
-    recv_exactly(conn, memoryview(prefix), stopped, idle=True)
-    channel, size, length = PREFIX.unpack(prefix)
-    if length > MAX_HEADER:
-        raise LinkClosed(f"a frame header of {length} bytes")
-    body = bytearray(length)
-    recv_exactly(conn, memoryview(body), stopped)
-    return channel, size, bytes(body)
+def _broken(exc: BaseException) -> LinkClosed:
+    return LinkClosed(f"broken: {exc!r}")
 
 
-def read_payload(conn: ssl.SSLSocket, size: int, stopped: Callable[[], bool]) -> np.ndarray:
-    payload = np.empty(size, dtype=np.uint8)
-    recv_exactly(conn, payload.data, stopped)
-    return payload
+# ---- inline, on trio's thread -------------------------------------------------------
 
 
-def probe(conn: ssl.SSLSocket, size: int, stopped: Callable[[], bool]) -> float:
-    """Seconds for a ping of ``size`` payload bytes to be answered."""
-    payload = memoryview(bytes(size))
+async def send_inline(conn: ssl.SSLSocket, data: bytes | memoryview) -> None:
+    """Write ``data`` whole; the caller bounds the time."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[conn.send(view[:CHUNK]) :]
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(conn)
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(conn)
+        except (OSError, ssl.SSLError) as exc:
+            raise _broken(exc) from exc
+
+
+async def recv_inline(conn: ssl.SSLSocket, view: memoryview) -> None:
+    """Fill ``view``; the caller bounds the time."""
+    got = 0
+    while got < len(view):
+        try:
+            n = conn.recv_into(view[got:])
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(conn)
+            continue
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(conn)
+            continue
+        except (OSError, ssl.SSLError) as exc:
+            raise _broken(exc) from exc
+        if not n:
+            raise LinkClosed("closed by the peer" if not got else f"closed after {got} bytes")
+        got += n
+
+
+class Reader:
+    """The receiving side of a link: what the socket holds is decrypted into one buffer,
+    so a small frame costs one call into OpenSSL, not one per field."""
+
+    def __init__(self, conn: ssl.SSLSocket) -> None:
+        self.conn = conn
+        self._buffer = bytearray(BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    async def _fill(self) -> None:
+        """At least one more byte into the buffer."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buffer) - self._end < RECORD:
+            left = self.buffered
+            self._view[:left] = self._view[self._start : self._end]
+            self._start, self._end = 0, left
+        while True:
+            try:
+                n = self.conn.recv_into(self._view[self._end :])
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.conn)
+                continue
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.conn)
+                continue
+            except (OSError, ssl.SSLError) as exc:
+                raise _broken(exc) from exc
+            if not n:
+                raise LinkClosed("closed by the peer" if not self.buffered else "closed mid-frame")
+            self._end += n
+            return
+
+    async def exactly(self, count: int) -> memoryview:
+        """The next ``count`` bytes (at most BUFFER - RECORD), valid until the next read."""
+        while self.buffered < count:
+            await self._fill()
+        out = self._view[self._start : self._start + count]
+        self._start += count
+        return out
+
+    def take(self, view: memoryview) -> int:
+        """Copy what is buffered (up to ``len(view)``) into ``view``; how much."""
+        count = min(self.buffered, len(view))
+        view[:count] = self._view[self._start : self._start + count]
+        self._start += count
+        return count
+
+    async def into(self, view: memoryview) -> None:
+        """Fill ``view``: what is buffered, then straight from the socket."""
+        got = self.take(view)
+        if got < len(view):
+            await recv_inline(self.conn, view[got:])
+
+    async def prefix(self) -> tuple[int, int, bytes]:
+        """(channel, payload size, header bytes) of the next frame. Waits as long as the
+        link is idle; once a frame begins, its header must follow within STALL_S."""
+        if not self.buffered:
+            await self._fill()
+        with trio.fail_after(STALL_S):
+            channel, size, length = PREFIX.unpack(await self.exactly(PREFIX.size))
+            if length > MAX_HEADER:
+                raise LinkClosed(f"a frame header of {length} bytes")
+            if length <= len(self._buffer) - RECORD:
+                return channel, size, bytes(await self.exactly(length))
+            body = bytearray(length)
+            await self.into(memoryview(body))
+            return channel, size, bytes(body)
+
+
+async def probe(reader: Reader, size: int) -> float:
+    """Seconds for a ping of ``size`` payload bytes to be answered (the caller holds the
+    link's writer lock: only it reads a dialed link)."""
     started = time.perf_counter()
-    send_all(conn, [PREFIX.pack(PING, size, 0), payload])
-    channel, _, _ = read_prefix(conn, stopped)
+    with trio.fail_after(STALL_S):
+        await send_inline(reader.conn, PREFIX.pack(PING, size, 0) + bytes(size))
+        channel, _, _ = await reader.prefix()
     if channel != PONG:
         raise LinkClosed(f"a ping was answered on channel {channel}")
     return time.perf_counter() - started
 
 
-def answer_ping(conn: ssl.SSLSocket, size: int, stopped: Callable[[], bool]) -> None:
+async def answer_ping(reader: Reader, size: int) -> None:
     if size > MAX_PROBE:
         raise LinkClosed(f"a ping of {size} bytes")
-    skip(conn, size, stopped)
-    send_all(conn, [PREFIX.pack(PONG, 0, 0)])
+    with trio.fail_after(STALL_S):
+        await reader.into(memoryview(bytearray(size)))
+        await send_inline(reader.conn, PREFIX.pack(PONG, 0, 0))
+
+
+# ---- in a worker thread, for big payloads -----------------------------------------------
+
+
+def _wait(conn: ssl.SSLSocket, events: int, stopped: Callable[[], bool], since: float) -> None:
+    poller = select.poll()
+    poller.register(conn, events)
+    while not poller.poll(POLL_S * 1000):
+        if stopped():
+            raise LinkClosed("shut down")
+        if time.monotonic() - since > STALL_S:
+            raise LinkClosed(f"no progress for {STALL_S:.0f} s")
+
+
+def send_blocking(
+    conn: ssl.SSLSocket, views: list[memoryview], stopped: Callable[[], bool]
+) -> None:
+    """``send_inline`` for a worker thread: the socket stays non-blocking, readiness is
+    polled, and ``stopped()`` is asked every POLL_S."""
+    last = time.monotonic()
+    for whole in views:
+        view = memoryview(whole).cast("B")
+        while view:
+            try:
+                view = view[conn.send(view[:CHUNK]) :]
+                last = time.monotonic()
+            except ssl.SSLWantWriteError:
+                _wait(conn, select.POLLOUT, stopped, last)
+            except ssl.SSLWantReadError:
+                _wait(conn, select.POLLIN, stopped, last)
+            except (OSError, ssl.SSLError) as exc:
+                raise _broken(exc) from exc
+
+
+def recv_blocking(
+    conn: ssl.SSLSocket, filling: tuple[np.ndarray, int], stopped: Callable[[], bool]
+) -> np.ndarray:
+    """Fill a payload buffer from ``got`` bytes on, in a worker thread; the buffer."""
+    payload, got = filling
+    view, size, last = payload.data, len(payload), time.monotonic()
+    while got < size:
+        try:
+            n = conn.recv_into(view[got:])
+        except ssl.SSLWantReadError:
+            _wait(conn, select.POLLIN, stopped, last)
+            continue
+        except ssl.SSLWantWriteError:
+            _wait(conn, select.POLLOUT, stopped, last)
+            continue
+        except (OSError, ssl.SSLError) as exc:
+            raise _broken(exc) from exc
+        if not n:
+            raise LinkClosed(f"closed after {got} of {size} payload bytes")
+        got, last = got + n, time.monotonic()
+    return payload
+
+
+def skip_blocking(conn: ssl.SSLSocket, size: int, stopped: Callable[[], bool]) -> None:
+    """Read and drop ``size`` bytes (an over-limit frame), keeping the link in step."""
+    scratch = np.empty(min(size, CHUNK), dtype=np.uint8)
+    while size:
+        part = min(size, CHUNK)
+        recv_blocking(conn, (scratch[:part], 0), stopped)
+        size -= part
