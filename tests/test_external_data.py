@@ -31,9 +31,9 @@ def minilm_with_external_data(folder: Path) -> Path:
 def test_a_model_with_external_data_spreads_over_the_planned_peers(tmp_path: Path) -> None:
     path = minilm_with_external_data(tmp_path / "external")
     feeds = minilm_inputs(batch=2, tokens=24, seed=5)
-    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, feeds
-    )[0]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[
+        0
+    ]
     with mesh_of(tmp_path, 3) as nodes:
         formed(nodes)
         ids = {identity(node)[0]: node for node in nodes}

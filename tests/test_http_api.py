@@ -542,7 +542,7 @@ def test_config_toml_may_set_the_http_api(tmp_path: Path) -> None:
     data_dir = DataDir(tmp_path)
     (tmp_path / "config.toml").write_text(f'[http]\nlisten = "0.0.0.0:8000"\nkey = "{KEY}"\n')
     assert load_file_config(data_dir).http == {"listen": "0.0.0.0:8000", "key": KEY}
-    (tmp_path / "config.toml").write_text('[http]\nport = 8000\n')
+    (tmp_path / "config.toml").write_text("[http]\nport = 8000\n")
     with pytest.raises(ConfigError, match=r"\[http\] takes only"):
         load_file_config(data_dir)
 

@@ -120,6 +120,7 @@ class _Outbound:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     measured: _Measured = field(default_factory=_Measured)
     reader: _linkio.Reader | None = None  # for pongs: only the writer reads a dialed link
+    close_when_free: bool = False
 
     @property
     def usable(self) -> bool:
@@ -230,7 +231,7 @@ class DirectLinks:
         began = False
         try:
             with trio.fail_at(deadline):
-                async with _held(out.lock):
+                async with _held(out.lock, out):
                     conn = out.conn
                     if not out.usable or conn is None:
                         raise LinkDown(out.broken or "closed")
@@ -474,27 +475,30 @@ class DirectLinks:
     async def _keep_outbound(self, out: _Outbound) -> None:
         """Open a dialed link, measure it, and re-measure it now and then; a link that
         cannot be opened sends its peer's frames to libp2p for a while."""
-        with out.scope:
-            try:
-                out.conn = await self._open(out)
-                out.reader = _linkio.Reader(out.conn)
-                self._backoff.pop(out.peer_id, None)
-                out.opened.set()
-                while True:
-                    async with out.lock:
-                        await self._measure(out)
-                    await trio.sleep(PROBE_EVERY_S)
-            except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
-                if out.conn is None:
-                    why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
-                    log.info("%s; using libp2p", why)
-                    self._unavailable_now(out, why)
-                out.end(str(exc) or type(exc).__name__)
-        out.opened.set()
-        out.end("closed")
-        async with out.lock:  # a frame in the middle of a write ends first
-            if out.conn is not None:
-                out.conn.close()
+        try:
+            with out.scope:
+                try:
+                    out.conn = await self._open(out)
+                    out.reader = _linkio.Reader(out.conn)
+                    self._backoff.pop(out.peer_id, None)
+                    out.opened.set()
+                    while True:
+                        async with _held(out.lock):
+                            await self._measure(out)
+                        await trio.sleep(PROBE_EVERY_S)
+                except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+                    if out.conn is None:
+                        why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
+                        log.info("%s; using libp2p", why)
+                        self._unavailable_now(out, why)
+                    out.end(str(exc) or type(exc).__name__)
+        finally:
+            out.opened.set()
+            out.end("closed")
+            if out.lock.locked():
+                out.close_when_free = True  # the writer closes it after its frame
+            elif out.conn is not None:
+                _close(out.conn)
 
     def _unavailable_now(self, out: _Outbound, why: str) -> None:
         """Frames to this peer take libp2p for a while (which doubles, up to RETRY_MAX_S,
@@ -543,9 +547,10 @@ class DirectLinks:
 
 
 @asynccontextmanager
-async def _held(lock: trio.Lock) -> AsyncIterator[None]:
-    """``lock``, taken without a trip through trio's scheduler when it is free: each
-    trip costs about as much as the frame's whole TLS round trip."""
+async def _held(lock: trio.Lock, out: _Outbound | None = None) -> AsyncIterator[None]:
+    """``lock``, taken without a trip through trio's scheduler when it is free (each
+    trip costs about as much as the frame's whole TLS round trip). A link that ended
+    while ``out``'s writer held it is closed on the way out."""
     try:
         lock.acquire_nowait()
     except trio.WouldBlock:
@@ -554,6 +559,15 @@ async def _held(lock: trio.Lock) -> AsyncIterator[None]:
         yield
     finally:
         lock.release()
+        if out is not None and out.close_when_free and out.conn is not None:
+            _close(out.conn)
+
+
+def _close(conn: ssl.SSLSocket) -> None:
+    """Close a socket trio may be waiting on (its waiters see ClosedResourceError)."""
+    if conn.fileno() >= 0:
+        trio.lowlevel.notify_closing(conn)
+    conn.close()
 
 
 async def _handshake(tls: ssl.SSLSocket) -> None:

@@ -87,7 +87,7 @@ async def send_inline(conn: ssl.SSLSocket, data: bytes | memoryview) -> None:
             await trio.lowlevel.wait_writable(conn)
         except ssl.SSLWantReadError:
             await trio.lowlevel.wait_readable(conn)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
             raise _broken(exc) from exc
 
 
@@ -103,7 +103,7 @@ async def recv_inline(conn: ssl.SSLSocket, view: memoryview) -> None:
         except ssl.SSLWantWriteError:
             await trio.lowlevel.wait_writable(conn)
             continue
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
             raise _broken(exc) from exc
         if not n:
             raise LinkClosed("closed by the peer" if not got else f"closed after {got} bytes")
@@ -253,7 +253,7 @@ def recv_blocking(
         except ssl.SSLWantWriteError:
             _wait(conn, select.POLLOUT, stopped, last)
             continue
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
             raise _broken(exc) from exc
         if not n:
             raise LinkClosed(f"closed after {got} of {size} payload bytes")
