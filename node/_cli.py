@@ -424,6 +424,7 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         "battery",
         "load",
         "RTT",
+        "link",
         "last seen",
     ):
         table.add_column(column)
@@ -443,9 +444,22 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
             "-" if battery is None else f"{battery:.0f}%{' ⚡' if capacity['charging'] else ''}",
             "?" if capacity["load_1m"] is None else f"{capacity['load_1m']:.2f}",
             "-" if peer["self"] else (f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] else "?"),
+            "-" if peer["self"] else _link_cell(peer["link"]),
             "now" if peer["self"] else _ago(peer["last_seen_s"]),
         )
     return table
+
+
+def _link_cell(link: dict[str, Any] | None) -> str:
+    """The path frames to a member take, its RTT and bandwidth, and why not direct."""
+    if link is None:
+        return "?"
+    rtt = f"{link['rtt_ms']:.2f} ms" if link.get("rtt_ms") else "? ms"
+    rate = f"{link['bandwidth'] / 1e6:.0f} MB/s" if link.get("bandwidth") else "? MB/s"
+    cell = f"{link['path']}\n{rtt}, {rate}"
+    if link.get("reason"):
+        cell += f"\n[dim]{link['reason']}[/]"
+    return cell
 
 
 @mesh_app.command("peers")

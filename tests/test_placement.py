@@ -5,7 +5,13 @@ import itertools
 import onnx
 import pytest
 from conftest import minilm_path
-from salala.mesh.inference._placement import PeerCapacity, PlacementError, plan_placement
+from salala.mesh.inference._placement import (
+    DEFAULT_BANDWIDTH,
+    PeerCapacity,
+    PlacementError,
+    measured_bandwidth,
+    plan_placement,
+)
 from salala.models import CutAnalysis, analyze
 
 
@@ -89,3 +95,14 @@ def test_impossible_requests_say_why(minilm: CutAnalysis, kwargs: dict, message:
         plan_placement(minilm, [peer("a")], **kwargs)
     with pytest.raises(PlacementError, match="no peers"):
         plan_placement(minilm, [])
+
+
+def test_the_plan_follows_the_measured_bandwidth(minilm: CutAnalysis) -> None:
+    """Over a fast link, splitting pays; over a slow one, sending activations costs more
+    than the compute it spreads, and the plan keeps the model on fewer peers."""
+    peers = [peer("a"), peer("b"), peer("c")]
+    fast = plan_placement(minilm, peers, bandwidth=measured_bandwidth([1e10, 2e10, 3e10]))
+    slow = plan_placement(minilm, peers, bandwidth=measured_bandwidth([1e4, 2e4]))
+    assert len(slow.stages) < len(fast.stages)
+    assert measured_bandwidth([]) == DEFAULT_BANDWIDTH
+    assert measured_bandwidth([3.0, 1.0, 2.0, 0.0]) == 2.0

@@ -26,6 +26,7 @@ from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.membership import _auth
 from salala.mesh.membership._host import open_host
 from salala.node import BadRequestError, InvalidInputError, NoRouteError, UnknownModelError
+from test_link_paths import every_link_is
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +63,13 @@ def test_sharded_output_equals_the_whole_model_for_2_3_and_4_shards(tmp_path: Pa
         assert len({p for s in deployment["stages"] for p in s["peers"]}) == 3
 
 
-def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path) -> None:
-    with mesh_of(tmp_path, 5) as nodes:
+@pytest.mark.parametrize("path", ["direct", "libp2p"])
+def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path, path: str) -> None:
+    """A stage host SIGKILLed and another SIGSTOPped while 8 callers keep frames in
+    flight, on direct links and with every link forced onto libp2p."""
+    with mesh_of(tmp_path, 5, None, *(["--no-link"] if path == "libp2p" else [])) as nodes:
         formed(nodes)
+        wait_until(lambda: every_link_is(nodes, path), 15, f"{path} links")
         ids = [identity(node)[0] for node in nodes]
         with nodes[0].client() as client:
             deployment = client.deploy("minilm", shards=2, replicas=2)

@@ -29,7 +29,7 @@ from .._peerid import short_id
 from ..membership import Mesh
 from ..wire import CODECS, SchemaError, read_message, write_message
 from ._headers import HOST_REPLY, HOST_REQUEST
-from ._placement import PeerCapacity, PlacementError, plan_placement
+from ._placement import PeerCapacity, PlacementError, measured_bandwidth, plan_placement
 from ._router import Router
 from ._serving import ServingEntry, StageServer
 
@@ -115,6 +115,20 @@ class Deployer:
             )
         return peers
 
+    def _bandwidth(self) -> float:
+        """What live members' direct links measured (their adverts carry each one's
+        median), and our own links: the bandwidth the plan assumes between stages."""
+        samples = list(self.mesh.direct.bandwidths()) if self.mesh.direct is not None else []
+        for member in self.mesh.membership.members():
+            link = member.advert.link
+            if (
+                link is not None
+                and link.get("bandwidth")
+                and self.mesh.is_live(member.advert.peer_id)
+            ):
+                samples.append(float(link["bandwidth"]))
+        return measured_bandwidth(samples)
+
     async def _host_on(
         self,
         peer_id: str,
@@ -173,7 +187,7 @@ class Deployer:
         warnings += await self._rejoined(live_at_start, "planned without it")
         peers = self._capacities()
         try:
-            placement = plan_placement(analysis, peers, shards, replicas)
+            placement = plan_placement(analysis, peers, shards, replicas, self._bandwidth())
         except PlacementError as exc:
             raise DeployError(f"cannot place {stored.name}: {exc}") from exc
         hosts = {p for s in placement.stages for p in s.peers}

@@ -22,7 +22,7 @@ import numpy as np
 from ...models import Cut, CutAnalysis
 from .._errors import MeshError
 
-DEFAULT_BANDWIDTH = 100e6  # bytes/s; a LAN. Not measured yet.
+DEFAULT_BANDWIDTH = 100e6  # bytes/s; a LAN, assumed while no link has measured one
 # bytes/s a device reads its weights at; not measured yet. Decoding one token reads
 # every weight once and does little arithmetic on each, so it is this, not FLOP/s, that
 # sets a language model stage's pace (a roofline: the slower of the two counts).
@@ -104,6 +104,13 @@ def _chain(
         end = int(back[end])
         path.append(end)
     return float(best[-1]), list(reversed(path))
+
+
+def measured_bandwidth(samples: list[float]) -> float:
+    """The bandwidth to plan with: the median of what members' direct links measured
+    (bytes/s), or DEFAULT_BANDWIDTH before any has."""
+    positive = sorted(s for s in samples if s > 0)
+    return positive[len(positive) // 2] if positive else DEFAULT_BANDWIDTH
 
 
 def plan_placement(
