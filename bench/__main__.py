@@ -20,7 +20,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
     "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
     "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
-    "transport": ("py-libp2p hop on loopback: payload, then a 1-byte answer", transport.run),
+    "transport": (
+        "One hop's cost (payload, then a 1-byte answer; median ms), and the direct link "
+        "against libp2p through real nodes",
+        transport.run,
+    ),
     "training": ("Pipeline training on the mesh vs torch (steps/s)", training.run),
     "churn": ("1,000 requests while stage hosts are killed and restarted every 10 s", churn.run),
     "codecs": ("Activation codecs: MiniLM in 3 fragments, 32 real sentences", codecs.run),
@@ -32,6 +36,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
 TARGETS: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
     "inference": inference.targets,
     "generation": generation.targets,
+    "transport": transport.targets,
 }
 
 

@@ -178,18 +178,23 @@ def _mesh_label(nodes: int) -> str:
 
 
 def _mesh_rows(
-    name: str, folder: Path, nodes: int, speed: str, concurrent: bool
+    name: str,
+    folder: Path,
+    nodes: int,
+    speed: str,
+    concurrent: bool,
+    node_args: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The model deployed in ``nodes`` stages over ``nodes`` single-thread nodes. Every
     node gets the same measured speed (``speed``, the throughput cache's JSON): they share
     one CPU, and the planner then cuts where the FLOPs balance, the same way each run."""
-    label = _mesh_label(nodes)
+    label = _mesh_label(nodes) + (f" ({' '.join(node_args)})" if node_args else "")
     with tempfile.TemporaryDirectory(prefix="salala-bench-gen-") as tmp:
         for i in range(nodes):  # local_mesh starts node i in root / f"node-{i}"
             cache = DataDir(Path(tmp) / f"node-{i}").throughput_cache
             cache.parent.mkdir(parents=True)
             cache.write_text(speed)
-        with local_mesh(Path(tmp), nodes, ["--threads", "1"]) as mesh:
+        with local_mesh(Path(tmp), nodes, ["--threads", "1", *node_args]) as mesh:
             processes = [psutil.Process(node.process.pid) for node in mesh]
             idle = [p.memory_info().rss for p in processes]
             with connect(mesh[0].data_dir) as client:

@@ -78,8 +78,9 @@ def _mesh_rows(
     requests: int,
     nodes: int,
     threads: int | None = None,
+    node_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    extra = ["--threads", str(threads)] if threads else []
+    extra = [*(["--threads", str(threads)] if threads else []), *node_args]
     with (
         tempfile.TemporaryDirectory(prefix="salala-bench-") as tmp,
         local_mesh(Path(tmp), nodes, extra) as mesh,
@@ -98,8 +99,10 @@ def _mesh_rows(
             return lambda: client.infer("bench", feeds)
 
         rate = _throughput(make_call, requests)
-    label = f"mesh, {nodes} node{'s' if nodes > 1 else ''}" + (
-        f", {threads} thread" if threads else ""
+    label = (
+        f"mesh, {nodes} node{'s' if nodes > 1 else ''}"
+        + (f", {threads} thread" if threads else "")
+        + (f" ({' '.join(node_args)})" if node_args else "")
     )
     return {
         "model": name,
