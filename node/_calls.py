@@ -18,7 +18,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ._errors import ERRORS_BY_CODE, InvalidJobError, NodeDisconnectedError, NodeError
-from ._protocol import decode_tensors, encode_tensors, pack_frame, unpack_body
+from ._protocol import decode_tensors, encode_tensors, frame_parts, unpack_body
 
 T = TypeVar("T")
 
@@ -31,10 +31,10 @@ class Call(Generic[T]):
     on_progress: Callable[[dict[str, Any]], None] | None = None
     on_event: Callable[[dict[str, Any]], None] | None = None
 
-    def request(self, request_id: int) -> bytes:
-        return pack_frame({"id": request_id, "method": self.method, "params": self.params})
+    def request(self, request_id: int) -> tuple[bytes, bytes]:
+        return frame_parts({"id": request_id, "method": self.method, "params": self.params})
 
-    def reply(self, request_id: int, body: bytes) -> tuple[bool, T | None]:
+    def reply(self, request_id: int, body: bytes | bytearray) -> tuple[bool, T | None]:
         """(True, result) for the final reply; (False, None) for a progress report.
 
         A refusal is raised as the matching error.

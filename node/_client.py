@@ -153,20 +153,22 @@ class Client:
             raise _not_running(data_dir, exc) from exc
         self._socket.settimeout(timeout)
 
-    def _receive_exactly(self, count: int) -> bytes:
-        buffer = bytearray()
-        while len(buffer) < count:
-            chunk = self._socket.recv(min(count - len(buffer), 1 << 20))
-            if not chunk:
+    def _receive_exactly(self, count: int) -> bytearray:
+        buffer = bytearray(count)  # allocated once: no growing copies
+        view, got = memoryview(buffer), 0
+        while got < count:
+            n = self._socket.recv_into(view[got:], min(count - got, 1 << 20))
+            if not n:
                 raise NodeDisconnectedError("the node closed the connection")
-            buffer += chunk
-        return bytes(buffer)
+            got += n
+        return buffer
 
     def _call(self, call: calls.Call[T]) -> T:
         request_id = next(self._ids)
         try:
             try:
-                self._socket.sendall(call.request(request_id))
+                for part in call.request(request_id):
+                    self._socket.sendall(part)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the node may have refused early (say, too large): read why below
             while True:
@@ -182,7 +184,8 @@ class Client:
         """The I/O of ``_call``, yielding after each frame (for streamed events)."""
         request_id = next(self._ids)
         try:
-            self._socket.sendall(call.request(request_id))
+            for part in call.request(request_id):
+                self._socket.sendall(part)
             while True:
                 length = frame_length(self._receive_exactly(HEADER.size), MAX_FRAME_LIMIT)
                 final, _ = call.reply(request_id, self._receive_exactly(length))
@@ -315,14 +318,15 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._turn = trio.Lock()
 
-    async def _receive_exactly(self, count: int) -> bytes:
-        buffer = bytearray()
-        while len(buffer) < count:
-            chunk = await self._stream.receive_some(min(count - len(buffer), 1 << 20))
-            if not chunk:
+    async def _receive_exactly(self, count: int) -> bytearray:
+        buffer = bytearray(count)  # allocated once: no growing copies
+        view, got = memoryview(buffer), 0
+        while got < count:
+            n = await self._stream.socket.recv_into(view[got:], min(count - got, 1 << 20))
+            if not n:
                 raise NodeDisconnectedError("the node closed the connection")
-            buffer += chunk
-        return bytes(buffer)
+            got += n
+        return buffer
 
     async def _call(self, call: calls.Call[T]) -> T:
         async with self._turn:
@@ -330,7 +334,8 @@ class AsyncClient:
             try:
                 with trio.fail_after(self.timeout):
                     try:
-                        await self._stream.send_all(call.request(request_id))
+                        for part in call.request(request_id):
+                            await self._stream.send_all(part)
                     except trio.BrokenResourceError:
                         pass  # the node may have refused early (say, too large): read why
                     while True:
@@ -353,7 +358,8 @@ class AsyncClient:
         connection is this stream's own, so no turn is taken."""
         request_id = next(self._ids)
         try:
-            await self._stream.send_all(call.request(request_id))
+            for part in call.request(request_id):
+                await self._stream.send_all(part)
             while True:
                 with trio.fail_after(self.timeout):
                     header = await self._receive_exactly(HEADER.size)

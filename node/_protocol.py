@@ -3,8 +3,10 @@
 One frame is a 4-byte big-endian length and a msgpack map. Requests are
 ``{"id", "method", "params"}``; replies are ``{"id", "ok": true, "result"}`` or
 ``{"id", "ok": false, "error": {"code", "message"}}``. A tensor is
-``{"dtype", "shape", "data"}`` with its raw bytes, packed from a memoryview so large
-inputs are not copied on the way out.
+``{"dtype", "shape", "data"}`` with its raw bytes. A tensor is copied once each way:
+msgpack packs it from a memoryview into the body, which is written after its length
+(not joined to it), and a body is received with ``recv_into`` into one buffer allocated
+at its announced length, which msgpack reads the tensor out of.
 """
 
 import struct
@@ -21,19 +23,24 @@ HEADER = struct.Struct(">I")
 MAX_FRAME_LIMIT = HEADER.size + 0xFFFFFFFF
 
 
-def pack_frame(message: Mapping[str, Any]) -> bytes:
+def frame_parts(message: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """A frame as its two writes: the length, then the body."""
     body = msgpack.packb(message, use_bin_type=True)
-    return HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)), body
 
 
-def frame_length(header: bytes, limit: int) -> int:
+def pack_frame(message: Mapping[str, Any]) -> bytes:
+    return b"".join(frame_parts(message))
+
+
+def frame_length(header: bytes | bytearray, limit: int) -> int:
     (length,) = HEADER.unpack(header)
     if length > limit:
         raise BadRequestError(f"message of {length} bytes exceeds this node's limit of {limit}")
     return length
 
 
-def unpack_body(body: bytes) -> dict[str, Any]:
+def unpack_body(body: bytes | bytearray) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of ValueError/ExtraData/...

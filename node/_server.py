@@ -14,7 +14,7 @@ from typing import Any
 import trio
 
 from ._errors import BadRequestError, NodeError, SalalaError
-from ._protocol import HEADER, frame_length, pack_frame, unpack_body
+from ._protocol import HEADER, frame_length, frame_parts, unpack_body
 from ._service import NodeService, translate
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,23 @@ class _ClientGone(Exception):
 
 
 async def _receive_exactly(stream: trio.SocketStream, count: int) -> bytearray:
-    buffer = bytearray()
-    while len(buffer) < count:
-        chunk = await stream.receive_some(min(count - len(buffer), _CHUNK))
-        if not chunk:
+    """``count`` bytes, received into one buffer allocated up front (no growing copies)."""
+    buffer = bytearray(count)
+    view, got = memoryview(buffer), 0
+    while got < count:
+        try:
+            n = await stream.socket.recv_into(view[got:], min(count - got, _CHUNK))
+        except OSError as exc:
+            raise _ClientGone from exc
+        if not n:
             raise _ClientGone
-        buffer += chunk
+        got += n
     return buffer
+
+
+async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    for part in frame_parts(message):
+        await stream.send_all(part)
 
 
 def _error_reply(request_id: Any, error: SalalaError) -> dict[str, Any]:
@@ -45,7 +55,7 @@ def _error_reply(request_id: Any, error: SalalaError) -> dict[str, Any]:
 
 async def _dispatch(
     service: NodeService,
-    body: bytes,
+    body: bytes | bytearray,
     progress: Callable[[dict[str, Any]], None],
     emit: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> dict[str, Any]:
@@ -80,7 +90,7 @@ async def _dispatch(
 
 
 async def _dispatch_with_progress(
-    service: NodeService, body: bytes, stream: trio.SocketStream
+    service: NodeService, body: bytes | bytearray, stream: trio.SocketStream
 ) -> dict[str, Any]:
     """Run a request; progress events it reports are sent as frames meanwhile."""
     send, receive = trio.open_memory_channel[dict[str, Any]](64)
@@ -94,14 +104,14 @@ async def _dispatch_with_progress(
     async def pump() -> None:
         async for event in receive:
             with trio.fail_after(TRANSFER_TIMEOUT_S):
-                await stream.send_all(pack_frame({"id": None, "progress": event}))
+                await _send(stream, {"id": None, "progress": event})
 
     async def emit(event: dict[str, Any]) -> None:
         """A streamed event (a generated piece): never dropped, so it waits for the
         client, which slows the generation down to the client's pace."""
         try:
             with trio.fail_after(TRANSFER_TIMEOUT_S):
-                await stream.send_all(pack_frame({"id": None, "event": event}))
+                await _send(stream, {"id": None, "event": event})
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             raise _ClientGone from exc
 
@@ -131,14 +141,14 @@ async def _serve_connection(service: NodeService, limit: int, stream: trio.Socke
                     length = frame_length(bytes(header), limit)
                 except BadRequestError as exc:
                     with trio.fail_after(TRANSFER_TIMEOUT_S):
-                        await stream.send_all(pack_frame(_error_reply(None, exc)))
+                        await _send(stream, _error_reply(None, exc))
                     return  # cannot skip an oversized body safely: close
                 with trio.fail_after(TRANSFER_TIMEOUT_S):
                     body = await _receive_exactly(stream, length)
-                reply = await _dispatch_with_progress(service, bytes(body), stream)
+                reply = await _dispatch_with_progress(service, body, stream)
                 try:
                     with trio.fail_after(TRANSFER_TIMEOUT_S):
-                        await stream.send_all(pack_frame(reply))
+                        await _send(stream, reply)
                 finally:
                     if service.stop_after_reply:
                         service.shutdown_requested.set()

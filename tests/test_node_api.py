@@ -207,7 +207,7 @@ KILLED_CLIENT = textwrap.dedent(
     ones = np.ones((64, 256), np.int64)
     feeds = {"input_ids": ones, "attention_mask": ones,
              "token_type_ids": np.zeros((64, 256), np.int64)}
-    frame = infer("minilm", feeds).request(1)
+    frame = b"".join(infer("minilm", feeds).request(1))
     sock.sendall(frame if sys.argv[2] == "whole" else frame[: len(frame) // 2])
     print("sent", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -566,7 +566,7 @@ async def _held(lock: trio.Lock, out: _Outbound | None = None) -> AsyncIterator[
 def _close(conn: ssl.SSLSocket) -> None:
     """Close a socket trio may be waiting on (its waiters see ClosedResourceError)."""
     if conn.fileno() >= 0:
-        trio.lowlevel.notify_closing(conn)
+        trio.lowlevel.notify_closing(conn.fileno())
     conn.close()
 
 
@@ -576,9 +576,9 @@ async def _handshake(tls: ssl.SSLSocket) -> None:
             tls.do_handshake()
             return
         except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(tls)
+            await trio.lowlevel.wait_readable(tls.fileno())
         except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(tls)
+            await trio.lowlevel.wait_writable(tls.fileno())
 
 
 def _with_deadline(

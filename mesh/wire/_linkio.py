@@ -84,9 +84,9 @@ async def send_inline(conn: ssl.SSLSocket, data: bytes | memoryview) -> None:
         try:
             view = view[conn.send(view[:CHUNK]) :]
         except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(conn)
+            await trio.lowlevel.wait_writable(conn.fileno())
         except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(conn)
+            await trio.lowlevel.wait_readable(conn.fileno())
         except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
             raise _broken(exc) from exc
 
@@ -98,10 +98,10 @@ async def recv_inline(conn: ssl.SSLSocket, view: memoryview) -> None:
         try:
             n = conn.recv_into(view[got:])
         except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(conn)
+            await trio.lowlevel.wait_readable(conn.fileno())
             continue
         except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(conn)
+            await trio.lowlevel.wait_writable(conn.fileno())
             continue
         except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
             raise _broken(exc) from exc
@@ -136,10 +136,10 @@ class Reader:
             try:
                 n = self.conn.recv_into(self._view[self._end :])
             except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self.conn)
+                await trio.lowlevel.wait_readable(self.conn.fileno())
                 continue
             except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.conn)
+                await trio.lowlevel.wait_writable(self.conn.fileno())
                 continue
             except (OSError, ssl.SSLError) as exc:
                 raise _broken(exc) from exc
