@@ -29,11 +29,12 @@ from salala.mesh.wire import (
     load_link_identity,
     parse_header,
 )
-from salala.mesh.wire._direct import INLINE_MAX, LinkDown, channel_of
-from salala.mesh.wire._linkio import PREFIX
+from salala.mesh.wire._direct import INLINE_MAX, PIN_WAIT_S, LinkDown, channel_of
+from salala.mesh.wire._linkio import PONG, PREFIX
 
 SECRET = b"a mesh key for the link tests.!!"
 PROTOCOL = "/salala-test/frames/1.0.0"
+WELCOME = PREFIX.pack(PONG, 0, 0)  # what an admitted member hears first
 UNKNOWN = next(c for c in range(2, 256) if c != channel_of(PROTOCOL))
 TIMEOUT_S = 20.0
 
@@ -103,6 +104,7 @@ async def test_frames_of_every_size_arrive_whole_and_in_order(tmp_path: Path) ->
                 await trio.sleep(0.01)
         row = a.links.describe("b")
     assert row["path"] == "direct" and row["rtt_ms"] > 0 and row["bandwidth"] > 0
+    assert row["frames"] == {"direct": len(sent), "libp2p": 0}
     assert [h["i"] for _, h, _ in b.frames] == list(range(len(sent)))
     for (peer, _, got), tensors in zip(b.frames, sent, strict=True):
         assert peer == "a" and got is not None
@@ -195,9 +197,11 @@ async def test_an_unpinned_certificate_is_closed_before_any_frame(tmp_path: Path
     async with running(a, b):
         await linked(a, b)
         assert b.links.port is not None
+        started = trio.current_time()
         echoed = await trio.to_thread.run_sync(
             _intrude, b.links.port, context, _frame_bytes(PROTOCOL)
         )
+        assert trio.current_time() - started < PIN_WAIT_S  # at once: a's pin is known
         await send(a, b, {"i": 1}, {"x": np.ones(1, dtype=np.float32)})  # a still gets in
         with trio.fail_after(TIMEOUT_S):
             await b.arrived.wait()
@@ -253,5 +257,5 @@ async def test_a_member_sending_garbage_loses_its_link_and_nothing_else(
         await send(a, b, {"i": 1}, {"x": np.ones(1, dtype=np.float32)})
         with trio.fail_after(TIMEOUT_S):
             await b.arrived.wait()
-    assert echoed == b""
+    assert echoed == WELCOME  # m was admitted (a member), then cut off for its garbage
     assert [(peer, h["i"]) for peer, h, _ in b.frames] == [("a", 1)]

@@ -55,8 +55,9 @@ def test_answers_are_bit_identical_on_direct_links_and_over_libp2p(tmp_path: Pat
             for node in nodes:  # measured, and shown per link
                 for link in links_of(node).values():
                     assert link["rtt_ms"] is not None and link["rtt_ms"] > 0
-                    if path == "direct":
+                    if path == "direct":  # and every frame took it
                         assert link["bandwidth"] > 0
+                        assert link["frames"]["direct"] > 0 and link["frames"]["libp2p"] == 0
     for shards in SHARDS:
         assert np.array_equal(results["direct"][shards], results["libp2p"][shards]), shards
 
@@ -97,7 +98,9 @@ def test_a_link_port_nobody_listens_on_sends_frames_over_libp2p(tmp_path: Path) 
             with node.client() as client:
                 outputs.append(client.infer("minilm", feeds)["last_hidden_state"])
         assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
-        # the others still link directly with each other
+        to_blocked = [links_of(node)[blocked_id]["frames"] for node in nodes[:2]]
+        assert sum(f["libp2p"] for f in to_blocked) > 0  # frames to it took libp2p
+        assert sum(f["direct"] for f in to_blocked) == 0
         assert links_of(nodes[1])[identity(nodes[0])[0]]["path"] == "direct"
 
 

@@ -26,7 +26,7 @@ from salala.mesh.inference._serving import PROTOCOL as INFER
 from salala.mesh.membership import _auth
 from salala.mesh.membership._host import open_host
 from salala.node import BadRequestError, InvalidInputError, NoRouteError, UnknownModelError
-from test_link_paths import every_link_is
+from test_link_paths import every_link_is, links_of
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +113,9 @@ def test_failover_under_load_answers_every_request_exactly_once(tmp_path: Path, 
         finally:
             victims[frozen].process.send_signal(signal.SIGCONT)
         assert not errors, errors
+        if path == "direct":  # the frames did cross the direct links
+            sent = sum(link["frames"]["direct"] for link in links_of(clients[0]).values())
+            assert sent > 0
         for i in range(200):
             assert len(answers[i]) == 1, f"request {i} answered {len(answers[i])} times"
             assert np.abs(answers[i][0] - expected[i]).max() <= 1e-5

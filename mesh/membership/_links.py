@@ -39,7 +39,9 @@ def split_listen(listen: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
     return libp2p, binds
 
 
-def link_address(addrs: tuple[str, ...], link: dict[str, Any] | None) -> LinkAddress | None:
+def link_address(
+    addrs: tuple[str, ...], link: dict[str, Any] | None, incarnation: int
+) -> LinkAddress | None:
     """How to reach a member's direct link: the hosts of its advertised (signed)
     multiaddrs, with its link port and pin."""
     if link is None:
@@ -51,4 +53,6 @@ def link_address(addrs: tuple[str, ...], link: dict[str, Any] | None) -> LinkAdd
             hosts.append(parts[2])
     if not hosts:
         return None
-    return LinkAddress(tuple(dict.fromkeys(hosts)), int(link["port"]), str(link["pin"]))
+    return LinkAddress(
+        tuple(dict.fromkeys(hosts)), int(link["port"]), str(link["pin"]), incarnation
+    )

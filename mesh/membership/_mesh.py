@@ -220,7 +220,12 @@ class Mesh:
         """The path frames to a member take, with its measured RTT (ms) and bandwidth
         (bytes/s); the libp2p path's RTT is the membership exchange's."""
         if self.direct is None:
-            return {"path": "libp2p", "rtt_ms": rtt_ms, "bandwidth": None, "reason": "off here"}
+            return {
+                "path": "libp2p",
+                "rtt_ms": rtt_ms,
+                "bandwidth": None,
+                "reason": "direct links are off here (--no-link)",
+            }
         row = self.direct.describe(peer_id)
         if row["path"] == "libp2p":
             row["rtt_ms"] = rtt_ms
@@ -234,7 +239,7 @@ class Mesh:
                 continue
             if not self.is_live(advert.peer_id):
                 continue
-            address = link_address(advert.addrs, advert.link)
+            address = link_address(advert.addrs, advert.link, advert.incarnation)
             if address is not None:
                 pins[advert.peer_id] = address
         return pins

@@ -114,13 +114,18 @@ class LinkIdentity:
     client: ssl.SSLContext
 
 
-def _issued_for(cert_pem: bytes, mesh_secret: bytes, peer_id: str) -> bool:
+def _issued_for(key_pem: bytes, cert_pem: bytes, mesh_secret: bytes, peer_id: str) -> bool:
+    """Whether the stored pair is whole: the certificate issued under this mesh key for
+    this peer, and the key its own (a crash between two writes leaves them apart)."""
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         _authority_key(mesh_secret).public_key().verify(cert.signature, cert.tbs_certificate_bytes)
+        key = serialization.load_pem_private_key(key_pem, None)
+        matches = key.public_key().public_bytes(*raw) == cert.public_key().public_bytes(*raw)
     except Exception:  # unreadable, or issued under another mesh key
         return False
-    return peer_named(cert.public_bytes(serialization.Encoding.DER)) == peer_id
+    return matches and peer_named(cert.public_bytes(serialization.Encoding.DER)) == peer_id
 
 
 def _context(
@@ -141,15 +146,17 @@ def load_link_identity(directory: Path, mesh_secret: bytes, peer_id: str) -> Lin
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path, cert_path = directory / "link.key", directory / "link.crt"
     try:
-        current = cert_path.read_bytes() if key_path.exists() else b""
+        key, current = key_path.read_bytes(), cert_path.read_bytes()
     except OSError:
-        current = b""
-    if not _issued_for(current, mesh_secret, peer_id):
+        key, current = b"", b""
+    if not _issued_for(key, current, mesh_secret, peer_id):
         key_pem, cert_pem = _issue(mesh_secret, peer_id)
         for path, data in ((key_path, key_pem), (cert_path, cert_pem)):
             fd, tmp = tempfile.mkstemp(dir=directory)
             with os.fdopen(fd, "wb") as out:  # mkstemp's file is 0600 already
                 out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, path)
         current = cert_pem
     der = x509.load_pem_x509_certificate(current).public_bytes(serialization.Encoding.DER)

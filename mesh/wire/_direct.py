@@ -23,11 +23,13 @@ identity, discovery, membership and control, and is the path of last resort.
 
 import hashlib
 import logging
+import math
 import socket
 import ssl
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,13 +51,18 @@ INLINE_MAX = 256 << 10  # payloads up to this size move on trio's thread
 SMALL = 64 << 10  # frames up to this size leave in one write
 SKIP_AT_MOST = 4  # an over-limit frame up to this many times the limit is read and dropped
 DIAL_TIMEOUT_S = 3.0
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 2.0
 OPEN_WAIT_S = 1.0  # a frame waits this long for a link still opening, then takes libp2p
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0  # a link that could not be opened is retried
 PIN_WAIT_S = 5.0  # an authorised dialer's advert may trail its first dial by this
 REGISTER_WAIT_S = 10.0  # services register their channels as the node starts
-PROBE_EVERY_S = 30.0  # a link re-measures its RTT and bandwidth this often
+PROBE_EVERY_S = 30.0  # a link re-measures its RTT this often
+BULK_EVERY_S = 300.0  # and its bandwidth (a bulk ping) this often
 PROBE_PINGS = 5
+PROBE_BULK = 256 << 10
+PONG_TIMEOUT_S = 10.0  # a busy peer answers late: the sample is skipped, the link kept
+MAX_BANDWIDTH = 1e11  # bytes/s; what an advert may carry
+PINGS_PER_S = 50  # a member pinging faster than this loses its link
 MAX_INBOUND = 256  # accepted links at once, authenticated or not
 
 
@@ -71,6 +78,7 @@ class LinkAddress:
     hosts: tuple[str, ...]
     port: int
     pin: str
+    incarnation: int = 0  # a restarted peer is dialed afresh, even on the same port
 
 
 @dataclass
@@ -119,8 +127,9 @@ class _Outbound:
     stop: threading.Event = field(default_factory=threading.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     measured: _Measured = field(default_factory=_Measured)
-    reader: _linkio.Reader | None = None  # for pongs: only the writer reads a dialed link
+    reader: _linkio.Reader | None = None  # pongs and the peer's close, read under the lock
     close_when_free: bool = False
+    pong: trio.Event | None = None  # set by the reader when the ping in flight is answered
 
     @property
     def usable(self) -> bool:
@@ -148,7 +157,8 @@ class DirectLinks:
         self._channels: dict[int, _Channel] = {}
         self._registered = trio.Event()
         self._out: dict[str, _Outbound] = {}
-        self._inbound: dict[str, tuple[ssl.SSLSocket, trio.CancelScope]] = {}
+        self._inbound: dict[str, list[tuple[ssl.SSLSocket, trio.CancelScope]]] = {}
+        self._sent: Counter[tuple[str, str]] = Counter()  # (peer, path) -> frames
         self._unavailable: dict[str, tuple[float, str]] = {}  # peer -> (retry at, why)
         self._backoff: dict[str, float] = {}  # peer -> seconds until its next dial
         self._fallback_rate: dict[str, float] = {}  # peer -> bytes/s seen over libp2p
@@ -187,10 +197,9 @@ class DirectLinks:
             out.end("the peer left or changed its link")
         for table in (self._unavailable, self._backoff, self._fallback_rate):
             table.pop(peer_id, None)
-        inbound = self._inbound.pop(peer_id, None)
-        if inbound is not None:
-            _linkio.shutdown(inbound[0])
-            inbound[1].cancel()
+        for conn, scope in self._inbound.pop(peer_id, []):
+            _linkio.shutdown(conn)
+            scope.cancel()
 
     def _dial(self, peer_id: str) -> _Outbound | None:
         address = self._pins.get(peer_id)
@@ -215,6 +224,7 @@ class DirectLinks:
         leave in time (the link is closed: a peer that stops reading is frozen or gone,
         and libp2p would not fare better).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         out = self._out.get(peer_id)
         if out is None or out.broken is not None:
             out = self._dial(peer_id)
@@ -223,7 +233,7 @@ class DirectLinks:
         if not out.opened.is_set():
             with trio.move_on_after(OPEN_WAIT_S):
                 await out.opened.wait()
-        if not out.usable:
+        if not out.usable or not out.opened.is_set():
             raise LinkDown(out.broken or self.why_not(peer_id))
         size = sum(len(v) for v in views)
         parts = _linkio.frame_parts(channel_of(protocol), head, views)
@@ -253,6 +263,11 @@ class DirectLinks:
             if began:  # part of a frame is on the wire: the link cannot go on
                 out.end("a frame was abandoned half-written")
             raise
+        self.count(peer_id, "direct")
+
+    def count(self, peer_id: str, path: str) -> None:
+        """One more frame sent to ``peer_id`` over ``path`` ("direct" or "libp2p")."""
+        self._sent[(peer_id, path)] += 1
 
     async def _in_thread(
         self,
@@ -269,9 +284,12 @@ class DirectLinks:
         def stopped() -> bool:
             return stop.is_set() or self._stopping.is_set()
 
-        return await trio.to_thread.run_sync(
+        result = await trio.to_thread.run_sync(
             _with_deadline, work, conn, arg, stopped, seconds, limiter=self._threads
         )
+        if isinstance(result, _Late):
+            raise trio.TooSlowError(f"a payload did not move within {seconds:.0f} s")
+        return result
 
     def why_not(self, peer_id: str) -> str:
         if peer_id not in self._pins:
@@ -290,19 +308,22 @@ class DirectLinks:
         """The path frames to ``peer_id`` take and what it measured (RTT in ms and
         bandwidth in bytes/s; for the libp2p path the caller knows the RTT)."""
         out = self._out.get(peer_id)
-        if out is not None and out.usable:
+        frames = {p: self._sent[(peer_id, p)] for p in ("direct", "libp2p")}
+        if out is not None and out.usable and out.opened.is_set():
             return {
                 "path": "direct",
                 "rtt_ms": out.measured.rtt_ms,
                 "bandwidth": out.measured.bandwidth,
+                "frames": frames,
             }
         if out is not None and out.broken is None:
-            return {"path": "opening", "rtt_ms": None, "bandwidth": None}
+            return {"path": "opening", "rtt_ms": None, "bandwidth": None, "frames": frames}
         return {
             "path": "libp2p",
             "rtt_ms": None,
             "bandwidth": self._fallback_rate.get(peer_id),
             "reason": self.why_not(peer_id),
+            "frames": frames,
         }
 
     def bandwidths(self) -> list[float]:
@@ -350,8 +371,9 @@ class DirectLinks:
                     self._stopping.set()
                     for out in self._out.values():
                         out.end("the node is stopping")
-                    for conn, _ in self._inbound.values():
-                        _linkio.shutdown(conn)
+                    for links in self._inbound.values():
+                        for conn, _ in links:
+                            _linkio.shutdown(conn)
         finally:
             for listener in self._listeners:
                 listener.close()
@@ -359,9 +381,13 @@ class DirectLinks:
     async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
         assert self._nursery is not None
         while True:
-            conn, _ = await listener.accept()
-            if self._accepting.value == 0:
-                conn.close()  # a flood of connections: the newest waits for its turn
+            await self._accepting.acquire()  # when all are taken, dials wait in the backlog
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:  # out of descriptors or memory, or a network error
+                self._accepting.release()
+                log.warning("direct links: accept failed: %s", exc)
+                await trio.sleep(0.1)
                 continue
             plain = socket.socket(fileno=conn.detach())
             self._nursery.start_soon(self._run_inbound, plain)
@@ -369,7 +395,10 @@ class DirectLinks:
     # ---- accepted links ----------------------------------------------------------
 
     async def _run_inbound(self, conn: socket.socket) -> None:
-        async with self._accepting:
+        """An accepted link (it holds one of the MAX_INBOUND slots): admit its peer, say
+        so, then read its frames. A link the peer dialed again is not cut short: it
+        reads on until the peer closes it, so no frame already sent is lost."""
+        try:
             conn.setblocking(False)
             tls = self.identity.server.wrap_socket(
                 conn, server_side=True, do_handshake_on_connect=False
@@ -378,21 +407,24 @@ class DirectLinks:
                 peer_id = await self._admit(tls)
                 if peer_id is None:
                     return
-                scope = trio.CancelScope()
-                previous = self._inbound.get(peer_id)
-                self._inbound[peer_id] = (tls, scope)
-                if previous is not None:  # the peer redialed: its old link is dead to it
-                    _linkio.shutdown(previous[0])
-                    previous[1].cancel()
-                with scope:
+                entry = (tls, trio.CancelScope())
+                self._inbound.setdefault(peer_id, []).append(entry)
+                with entry[1]:
                     try:
+                        with trio.fail_after(_linkio.STALL_S):
+                            await _linkio.send_inline(tls, _linkio.PREFIX.pack(_linkio.PONG, 0, 0))
                         await self._read_frames(tls, peer_id)
                     except (_linkio.LinkClosed, trio.TooSlowError) as exc:
                         log.debug("direct link from %s ended: %s", short_id(peer_id), exc)
-                if self._inbound.get(peer_id, (None,))[0] is tls:
-                    del self._inbound[peer_id]
+                links = self._inbound.get(peer_id, [])
+                if entry in links:
+                    links.remove(entry)
+                    if not links:
+                        del self._inbound[peer_id]
             finally:
                 tls.close()
+        finally:
+            self._accepting.release()
 
     async def _admit(self, tls: ssl.SSLSocket) -> str | None:
         """Handshake, then the pin: the peer id of a member, or None (and not a byte of
@@ -419,9 +451,18 @@ class DirectLinks:
 
     async def _read_frames(self, tls: ssl.SSLSocket, peer_id: str) -> None:
         reader = _linkio.Reader(tls)
+        pings, window = 0, trio.current_time()
         while True:
+            # One trip through the scheduler per frame: a member streaming frames must
+            # not keep the rest of the node waiting (its data is always ready).
+            await trio.lowlevel.checkpoint()
             channel, size, body = await reader.prefix()
             if channel == _linkio.PING:
+                if trio.current_time() - window > 1.0:
+                    pings, window = 0, trio.current_time()
+                pings += 1
+                if pings > PINGS_PER_S:
+                    raise _linkio.LinkClosed(f"more than {PINGS_PER_S} pings a second")
                 await _linkio.answer_ping(reader, size)
                 continue
             spec = self._channels.get(channel)
@@ -431,18 +472,20 @@ class DirectLinks:
                         await trio.sleep(0.05)
                 if spec is None:
                     raise _linkio.LinkClosed(f"a frame on unknown channel {channel}")
-            deadline = trio.current_time() + frame_timeout(size)
             if size > spec.max_payload:
                 if size > SKIP_AT_MOST * spec.max_payload:
                     raise _linkio.LinkClosed(f"a frame of {size} bytes is not worth reading")
+                deadline = trio.current_time() + frame_timeout(size)
                 left = size - reader.take(memoryview(bytearray(min(size, reader.buffered))))
                 stop = threading.Event()
                 await self._in_thread(_linkio.skip_blocking, tls, left, stop, deadline)
                 frame = LinkFrame(body, size, None, None)
             else:
                 # Room in the node's budget first: a sender whose frames we cannot hold
-                # yet is slowed down (its writes wait), never mistaken for dead.
+                # yet is slowed down (its writes wait), never mistaken for dead; the
+                # payload's deadline starts once there is room.
                 lease = await spec.budget.lease(peer_id, size) if size else None
+                deadline = trio.current_time() + frame_timeout(size)
                 try:
                     payload = await self._payload(reader, size, deadline)
                     frame = LinkFrame(body, size, payload, lease)
@@ -473,24 +516,32 @@ class DirectLinks:
     # ---- dialed links ------------------------------------------------------------
 
     async def _keep_outbound(self, out: _Outbound) -> None:
-        """Open a dialed link, measure it, and re-measure it now and then; a link that
-        cannot be opened sends its peer's frames to libp2p for a while."""
+        """Open a dialed link and wait for the acceptor's welcome (its pin check passed);
+        then read what comes back (pongs, or the peer closing) and measure the link now
+        and then. A link that cannot be opened sends its peer's frames to libp2p for a
+        while."""
         try:
             with out.scope:
                 try:
                     out.conn = await self._open(out)
                     out.reader = _linkio.Reader(out.conn)
-                    self._backoff.pop(out.peer_id, None)
-                    out.opened.set()
-                    while True:
-                        async with _held(out.lock):
-                            await self._measure(out)
-                        await trio.sleep(PROBE_EVERY_S)
+                    with trio.fail_after(PIN_WAIT_S + HANDSHAKE_TIMEOUT_S):
+                        channel, size, _ = await out.reader.prefix()
+                    if (channel, size) != (_linkio.PONG, 0):
+                        raise _linkio.LinkClosed("no welcome after the handshake")
                 except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
-                    if out.conn is None:
-                        why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
-                        log.info("%s; using libp2p", why)
-                        self._unavailable_now(out, why)
+                    why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
+                    log.info("%s; using libp2p", why)
+                    self._unavailable_now(out, why)
+                    out.end(why)
+                    return
+                self._backoff.pop(out.peer_id, None)
+                out.opened.set()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._probe_loop, out)
+                        await self._read_pongs(out)
+                except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
                     out.end(str(exc) or type(exc).__name__)
         finally:
             out.opened.set()
@@ -499,6 +550,51 @@ class DirectLinks:
                 out.close_when_free = True  # the writer closes it after its frame
             elif out.conn is not None:
                 _close(out.conn)
+
+    async def _read_pongs(self, out: _Outbound) -> None:
+        """A dialed link carries nothing back but pongs; its end (the peer closed or
+        restarted) is seen here at once, so no frame is written into a dead link."""
+        assert out.reader is not None and out.conn is not None
+        while True:
+            if not out.reader.buffered:
+                await trio.lowlevel.wait_readable(out.conn.fileno())
+            async with _held(out.lock, out):  # no concurrent TLS use with a writer
+                channel, size, _ = await out.reader.prefix()
+            if (channel, size) != (_linkio.PONG, 0) or out.pong is None:
+                raise _linkio.LinkClosed(f"the peer sent channel {channel} unasked")
+            out.pong.set()
+            out.pong = None
+
+    async def _probe_loop(self, out: _Outbound) -> None:
+        bulk_at = -math.inf
+        while True:
+            pings = [await self._ping(out, 16) for _ in range(PROBE_PINGS)]
+            answered = [p for p in pings if p is not None]
+            if answered:
+                rtt = statistics.median(answered)
+                bandwidth = out.measured.bandwidth
+                if trio.current_time() - bulk_at >= BULK_EVERY_S:
+                    bulk = await self._ping(out, PROBE_BULK)
+                    if bulk is not None and bulk > rtt:
+                        bandwidth = min(MAX_BANDWIDTH, PROBE_BULK / (bulk - rtt))
+                        bulk_at = trio.current_time()
+                out.measured = _Measured(round(rtt * 1000, 3), bandwidth)
+            await trio.sleep(PROBE_EVERY_S)
+
+    async def _ping(self, out: _Outbound, size: int) -> float | None:
+        """Seconds until a ping of ``size`` bytes is answered; None when it is not
+        answered within PONG_TIMEOUT_S (a busy peer: the sample is skipped)."""
+        assert out.conn is not None
+        answered = out.pong = trio.Event()
+        started = time.perf_counter()
+        async with _held(out.lock, out):
+            with trio.fail_after(_linkio.STALL_S):
+                await _linkio.send_inline(out.conn, _linkio.PREFIX.pack(_linkio.PING, size, 0))
+                await _linkio.send_inline(out.conn, bytes(size))
+        with trio.move_on_after(PONG_TIMEOUT_S):
+            await answered.wait()
+            return time.perf_counter() - started
+        return None
 
     def _unavailable_now(self, out: _Outbound, why: str) -> None:
         """Frames to this peer take libp2p for a while (which doubles, up to RETRY_MAX_S,
@@ -511,39 +607,35 @@ class DirectLinks:
             del self._out[out.peer_id]
 
     async def _open(self, out: _Outbound) -> ssl.SSLSocket:
-        last: Exception = _linkio.LinkClosed("no address")
+        """A TLS connection to the first of the peer's hosts that presents its pin."""
+        failures = []
         for host in out.address.hosts:
             try:
-                with trio.fail_after(DIAL_TIMEOUT_S):
-                    stream = await trio.open_tcp_stream(host, out.address.port)
-            except (OSError, trio.TooSlowError) as exc:
-                last = exc
-                continue
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            plain = socket.socket(fileno=stream.socket.detach())
-            plain.setblocking(False)
-            tls = self.identity.client.wrap_socket(plain, do_handshake_on_connect=False)
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    await _handshake(tls)
-                der = tls.getpeercert(binary_form=True) or b""
-                if fingerprint(der) != out.address.pin or peer_named(der) != out.peer_id:
-                    raise _linkio.LinkClosed(  # someone else listens there: no frame for it
-                        f"{host}:{out.address.port} presents another certificate than "
-                        f"{short_id(out.peer_id)}'s pin"
-                    )
-            except BaseException:
-                tls.close()
-                raise
-            return tls
-        raise last
+                return await self._open_at(host, out)
+            except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+                failures.append(f"{host}: {exc}")
+        raise _linkio.LinkClosed("; ".join(failures) or "no address")
 
-    async def _measure(self, out: _Outbound) -> None:
-        assert out.reader is not None
-        pings = [await _linkio.probe(out.reader, 16) for _ in range(PROBE_PINGS)]
-        rtt = statistics.median(pings)
-        bulk = await _linkio.probe(out.reader, _linkio.MAX_PROBE)
-        out.measured = _Measured(round(rtt * 1000, 3), _linkio.MAX_PROBE / max(bulk - rtt, 1e-6))
+    async def _open_at(self, host: str, out: _Outbound) -> ssl.SSLSocket:
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(host, out.address.port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        plain = socket.socket(fileno=stream.socket.detach())
+        plain.setblocking(False)
+        tls = self.identity.client.wrap_socket(plain, do_handshake_on_connect=False)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await _handshake(tls)
+            der = tls.getpeercert(binary_form=True) or b""
+            if fingerprint(der) != out.address.pin or peer_named(der) != out.peer_id:
+                raise _linkio.LinkClosed(  # someone else listens there: no frame for it
+                    f"{host}:{out.address.port} presents another certificate than "
+                    f"{short_id(out.peer_id)}'s pin"
+                )
+        except BaseException:
+            tls.close()
+            raise
+        return tls
 
 
 @asynccontextmanager
@@ -581,6 +673,10 @@ async def _handshake(tls: ssl.SSLSocket) -> None:
             await trio.lowlevel.wait_writable(tls.fileno())
 
 
+class _Late:
+    """What a worker thread returns when its payload missed the deadline."""
+
+
 def _with_deadline(
     work: Callable[..., Any],
     conn: ssl.SSLSocket,
@@ -588,9 +684,15 @@ def _with_deadline(
     stopped: Callable[[], bool],
     seconds: float,
 ) -> Any:
-    """``work(conn, arg, stopped)`` in a worker thread, giving up after ``seconds``."""
+    """``work(conn, arg, stopped)`` in a worker thread, giving up after ``seconds``
+    (then it returns a ``_Late``: the caller raises trio.TooSlowError)."""
     until = time.monotonic() + seconds
-    return work(conn, arg, lambda: stopped() or time.monotonic() > until)
+    try:
+        return work(conn, arg, lambda: stopped() or time.monotonic() > until)
+    except _linkio.LinkClosed:
+        if time.monotonic() > until:
+            return _Late()
+        raise
 
 
 def _remote(conn: socket.socket) -> str:

@@ -209,13 +209,18 @@ async def answer_ping(reader: Reader, size: int) -> None:
 
 
 def _wait(conn: ssl.SSLSocket, events: int, stopped: Callable[[], bool], since: float) -> None:
+    """Wait (in a worker thread) until ``conn`` is ready; LinkClosed once ``stopped()``
+    or nothing moved for STALL_S, checked on every wake-up (a peer trickling a byte at a
+    time wakes us often, and moves nothing)."""
     poller = select.poll()
     poller.register(conn, events)
-    while not poller.poll(POLL_S * 1000):
+    while True:
         if stopped():
             raise LinkClosed("shut down")
         if time.monotonic() - since > STALL_S:
             raise LinkClosed(f"no progress for {STALL_S:.0f} s")
+        if poller.poll(POLL_S * 1000):
+            return
 
 
 def send_blocking(

@@ -75,8 +75,10 @@ class Links:
                     started = time.perf_counter()
                     await write_frame(stream, head, views, frame_timeout(size))
                     direct = self._streams_source.direct
-                    if size >= MEASURE_FROM and direct is not None:
-                        direct.observe_fallback(peer_id, size, time.perf_counter() - started)
+                    if direct is not None:
+                        direct.count(peer_id, "libp2p")
+                        if size >= MEASURE_FROM:
+                            direct.observe_fallback(peer_id, size, time.perf_counter() - started)
                     return
                 except Exception as exc:  # resets, timeouts, closed connections
                     self._streams.pop(peer_id, None)
