@@ -259,3 +259,30 @@ async def test_a_member_sending_garbage_loses_its_link_and_nothing_else(
             await b.arrived.wait()
     assert echoed == WELCOME  # m was admitted (a member), then cut off for its garbage
     assert [(peer, h["i"]) for peer, h, _ in b.frames] == [("a", 1)]
+
+
+async def test_a_peer_that_goes_away_ends_the_link_and_nothing_else(tmp_path: Path) -> None:
+    """b stops: a's link sees the close at once (its reader), a keeps running, and
+    frames to b find no link (LinkDown: the caller takes libp2p)."""
+    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
+    await a.links.listen()
+    await b.links.listen()
+    async with trio.open_nursery() as outer:
+        await outer.start(a.links.run)
+        async with trio.open_nursery() as inner:
+            await inner.start(b.links.run)
+            await linked(a, b)
+            inner.cancel_scope.cancel()
+        with trio.fail_after(TIMEOUT_S):
+            while a.links.describe("b")["path"] == "direct":
+                await trio.sleep(0.02)
+        with pytest.raises(LinkDown):
+            await send(a, b, {"i": 1}, {"x": np.ones(1, dtype=np.float32)})
+        assert a.links.port is not None  # a's links still run: it can link with c
+        c = Node(tmp_path, "c")
+        async with running(c):
+            await linked(a, c)
+            await send(a, c, {"i": 2}, {"x": np.ones(1, dtype=np.float32)})
+            with trio.fail_after(TIMEOUT_S):
+                await c.arrived.wait()
+        outer.cancel_scope.cancel()

@@ -537,12 +537,10 @@ class DirectLinks:
                     return
                 self._backoff.pop(out.peer_id, None)
                 out.opened.set()
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._probe_loop, out)
-                        await self._read_pongs(out)
-                except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
-                    out.end(str(exc) or type(exc).__name__)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._probe_loop, out)
+                    await _ending_link(out, self._read_pongs(out))
+                    nursery.cancel_scope.cancel()
         finally:
             out.opened.set()
             out.end("closed")
@@ -566,6 +564,9 @@ class DirectLinks:
             out.pong = None
 
     async def _probe_loop(self, out: _Outbound) -> None:
+        await _ending_link(out, self._probing(out))
+
+    async def _probing(self, out: _Outbound) -> None:
         bulk_at = -math.inf
         while True:
             pings = [await self._ping(out, 16) for _ in range(PROBE_PINGS)]
@@ -636,6 +637,16 @@ class DirectLinks:
             tls.close()
             raise
         return tls
+
+
+async def _ending_link(out: _Outbound, work: Awaitable[None]) -> None:
+    """Await ``work``; the link's failure (the peer closed it, broke it, or stopped
+    answering a write) ends the link, here, so it never escapes as an exception
+    group out of the link's nursery."""
+    try:
+        await work
+    except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+        out.end(str(exc) or type(exc).__name__)
 
 
 @asynccontextmanager
