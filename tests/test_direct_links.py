@@ -8,6 +8,7 @@ and impostors are real TLS clients and servers.
 import datetime
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -286,3 +287,23 @@ async def test_a_peer_that_goes_away_ends_the_link_and_nothing_else(tmp_path: Pa
             with trio.fail_after(TIMEOUT_S):
                 await c.arrived.wait()
         outer.cancel_scope.cancel()
+
+
+def _connect_and_reset(port: int, times: int) -> None:
+    for _ in range(times):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, before any handshake
+
+
+async def test_strangers_that_connect_and_reset_do_not_stop_the_links(tmp_path: Path) -> None:
+    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
+    async with running(a, b):
+        assert b.links.port is not None
+        await trio.to_thread.run_sync(_connect_and_reset, b.links.port, 20)
+        await trio.sleep(0.5)
+        await linked(a, b)
+        await send(a, b, {"i": 1}, {"x": np.ones(1, dtype=np.float32)})
+        with trio.fail_after(TIMEOUT_S):
+            await b.arrived.wait()
+    assert [(peer, h["i"]) for peer, h, _ in b.frames] == [("a", 1)]

@@ -130,6 +130,8 @@ class _Outbound:
     reader: _linkio.Reader | None = None  # pongs and the peer's close, read under the lock
     close_when_free: bool = False
     pong: trio.Event | None = None  # set by the reader when the ping in flight is answered
+    pong_seq: int = 0  # the number of the ping in flight (pongs echo it)
+    pong_at: float = 0.0  # when the reader woke to the answer (perf_counter)
 
     @property
     def usable(self) -> bool:
@@ -163,7 +165,10 @@ class DirectLinks:
         self._backoff: dict[str, float] = {}  # peer -> seconds until its next dial
         self._fallback_rate: dict[str, float] = {}  # peer -> bytes/s seen over libp2p
         self._accepting = trio.Semaphore(MAX_INBOUND)
-        self._threads = trio.CapacityLimiter(16)  # big payloads moving at once
+        # Big payloads moving at once, each way: a node whose sends are held back by
+        # backpressure must still be able to read what its peers send it.
+        self._send_threads = trio.CapacityLimiter(8)
+        self._recv_threads = trio.CapacityLimiter(8)
         self._stopping = threading.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -175,6 +180,8 @@ class DirectLinks:
         """Frames of ``protocol`` from members go to ``handler(peer_id, frame)``; payloads
         over ``max_payload`` arrive as None, and every payload is leased from ``budget``."""
         channel = channel_of(protocol)
+        if max_payload > budget.per_peer:
+            raise ValueError(f"{protocol}: a frame of {max_payload} bytes could never be leased")
         if channel in self._channels:
             raise ValueError(f"{protocol} shares channel {channel} with another protocol")
         self._channels[channel] = _Channel(handler, max_payload, budget)
@@ -184,8 +191,11 @@ class DirectLinks:
         frame does not wait for a handshake), and close links of those gone or changed."""
         old, self._pins = self._pins, dict(pins)
         for peer_id, address in old.items():
-            if pins.get(peer_id) != address:
-                self._drop(peer_id)
+            new = pins.get(peer_id)
+            if new is None or new.pin != address.pin:
+                self._drop(peer_id)  # gone, or another certificate: its links too
+            elif new != address:  # restarted, or moved: dial it afresh
+                self._redial(peer_id)
         for peer_id in pins:
             out = self._out.get(peer_id)
             if out is None or out.broken is not None:
@@ -200,6 +210,13 @@ class DirectLinks:
         for conn, scope in self._inbound.pop(peer_id, []):
             _linkio.shutdown(conn)
             scope.cancel()
+
+    def _redial(self, peer_id: str) -> None:
+        out = self._out.pop(peer_id, None)
+        if out is not None:
+            out.end("the peer restarted or moved")
+        self._unavailable.pop(peer_id, None)
+        self._backoff.pop(peer_id, None)
 
     def _dial(self, peer_id: str) -> _Outbound | None:
         address = self._pins.get(peer_id)
@@ -254,7 +271,7 @@ class DirectLinks:
                     else:
                         await _linkio.send_inline(conn, b"".join(parts[:2]))
                         await self._in_thread(
-                            _linkio.send_blocking, conn, list(views), out.stop, deadline
+                            _linkio.send_blocking, conn, list(views), out.stop, deadline, True
                         )
         except _linkio.LinkClosed as exc:
             out.end(str(exc))
@@ -276,19 +293,22 @@ class DirectLinks:
         arg: Any,
         stop: threading.Event,
         deadline: float,
+        sending: bool = False,
     ) -> Any:
-        """A big payload's I/O in a worker thread. The thread gives up at the deadline,
-        or when the link or the node stops, so waiting for it is bounded."""
-        seconds = max(0.0, deadline - trio.current_time())
+        """A big payload's I/O in a worker thread. The thread gives up at the deadline
+        (counted from now, not from when a thread is free), or when the link or the
+        node stops, so waiting for it is bounded."""
+        until = time.monotonic() + max(0.0, deadline - trio.current_time())
 
         def stopped() -> bool:
             return stop.is_set() or self._stopping.is_set()
 
+        limiter = self._send_threads if sending else self._recv_threads
         result = await trio.to_thread.run_sync(
-            _with_deadline, work, conn, arg, stopped, seconds, limiter=self._threads
+            _with_deadline, work, conn, arg, stopped, until, limiter=limiter
         )
         if isinstance(result, _Late):
-            raise trio.TooSlowError(f"a payload did not move within {seconds:.0f} s")
+            raise trio.TooSlowError("a payload did not move before its deadline")
         return result
 
     def why_not(self, peer_id: str) -> str:
@@ -399,10 +419,18 @@ class DirectLinks:
         so, then read its frames. A link the peer dialed again is not cut short: it
         reads on until the peer closes it, so no frame already sent is lost."""
         try:
-            conn.setblocking(False)
-            tls = self.identity.server.wrap_socket(
-                conn, server_side=True, do_handshake_on_connect=False
-            )
+            try:
+                conn.setblocking(False)
+                # Already reset? CPython's wrap_socket would then fail half-way and
+                # leave its own socket object unclosed.
+                conn.getpeername()
+                tls = self.identity.server.wrap_socket(
+                    conn, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ssl.SSLError) as exc:  # a connect-and-reset, say
+                log.info("refused a direct link from %s: %s", _remote(conn), exc)
+                conn.close()
+                return
             try:
                 peer_id = await self._admit(tls)
                 if peer_id is None:
@@ -411,11 +439,13 @@ class DirectLinks:
                 self._inbound.setdefault(peer_id, []).append(entry)
                 with entry[1]:
                     try:
-                        with trio.fail_after(_linkio.STALL_S):
+                        with trio.fail_after(_linkio.STALL_S):  # the welcome
                             await _linkio.send_inline(tls, _linkio.PREFIX.pack(_linkio.PONG, 0, 0))
                         await self._read_frames(tls, peer_id)
                     except (_linkio.LinkClosed, trio.TooSlowError) as exc:
                         log.debug("direct link from %s ended: %s", short_id(peer_id), exc)
+                    except Exception as exc:  # whatever a peer does ends only its link
+                        log.warning("direct link from %s failed: %r", short_id(peer_id), exc)
                 links = self._inbound.get(peer_id, [])
                 if entry in links:
                     links.remove(entry)
@@ -463,7 +493,7 @@ class DirectLinks:
                 pings += 1
                 if pings > PINGS_PER_S:
                     raise _linkio.LinkClosed(f"more than {PINGS_PER_S} pings a second")
-                await _linkio.answer_ping(reader, size)
+                await _linkio.answer_ping(reader, size, body)
                 continue
             spec = self._channels.get(channel)
             if spec is None:
@@ -529,7 +559,7 @@ class DirectLinks:
                         channel, size, _ = await out.reader.prefix()
                     if (channel, size) != (_linkio.PONG, 0):
                         raise _linkio.LinkClosed("no welcome after the handshake")
-                except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+                except Exception as exc:  # closed, reset, timed out, refused by its pin
                     why = f"cannot open a direct link to {short_id(out.peer_id)}: {exc}"
                     log.info("%s; using libp2p", why)
                     self._unavailable_now(out, why)
@@ -551,17 +581,25 @@ class DirectLinks:
 
     async def _read_pongs(self, out: _Outbound) -> None:
         """A dialed link carries nothing back but pongs; its end (the peer closed or
-        restarted) is seen here at once, so no frame is written into a dead link."""
+        restarted) is seen here at once, so no frame is written into a dead link. A
+        pong answering a ping already given up on is dropped; one answering a ping never
+        sent ends the link."""
         assert out.reader is not None and out.conn is not None
         while True:
+            await trio.lowlevel.checkpoint()
             if not out.reader.buffered:
                 await trio.lowlevel.wait_readable(out.conn.fileno())
+            woke = time.perf_counter()
             async with _held(out.lock, out):  # no concurrent TLS use with a writer
-                channel, size, _ = await out.reader.prefix()
-            if (channel, size) != (_linkio.PONG, 0) or out.pong is None:
+                with trio.fail_after(_linkio.STALL_S):
+                    channel, size, body = await out.reader.prefix()
+            seq = int.from_bytes(body, "big") if len(body) == 8 else -1
+            if channel != _linkio.PONG or size or not 0 < seq <= out.pong_seq:
                 raise _linkio.LinkClosed(f"the peer sent channel {channel} unasked")
-            out.pong.set()
-            out.pong = None
+            if seq == out.pong_seq and out.pong is not None:
+                out.pong_at = woke
+                out.pong.set()
+                out.pong = None
 
     async def _probe_loop(self, out: _Outbound) -> None:
         await _ending_link(out, self._probing(out))
@@ -583,18 +621,23 @@ class DirectLinks:
             await trio.sleep(PROBE_EVERY_S)
 
     async def _ping(self, out: _Outbound, size: int) -> float | None:
-        """Seconds until a ping of ``size`` bytes is answered; None when it is not
-        answered within PONG_TIMEOUT_S (a busy peer: the sample is skipped)."""
+        """Seconds from writing a ping of ``size`` bytes (once the link is free) until
+        its answer is readable; None when it is not answered within PONG_TIMEOUT_S (a
+        busy peer: the sample is skipped)."""
         assert out.conn is not None
+        out.pong_seq += 1
         answered = out.pong = trio.Event()
-        started = time.perf_counter()
         async with _held(out.lock, out):
+            started = time.perf_counter()
             with trio.fail_after(_linkio.STALL_S):
-                await _linkio.send_inline(out.conn, _linkio.PREFIX.pack(_linkio.PING, size, 0))
+                seq = out.pong_seq.to_bytes(8, "big")
+                await _linkio.send_inline(
+                    out.conn, _linkio.PREFIX.pack(_linkio.PING, size, len(seq)) + seq
+                )
                 await _linkio.send_inline(out.conn, bytes(size))
         with trio.move_on_after(PONG_TIMEOUT_S):
             await answered.wait()
-            return time.perf_counter() - started
+            return out.pong_at - started
         return None
 
     def _unavailable_now(self, out: _Outbound, why: str) -> None:
@@ -613,17 +656,21 @@ class DirectLinks:
         for host in out.address.hosts:
             try:
                 return await self._open_at(host, out)
-            except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
+            except Exception as exc:  # refused, reset, timed out, another certificate
                 failures.append(f"{host}: {exc}")
         raise _linkio.LinkClosed("; ".join(failures) or "no address")
 
     async def _open_at(self, host: str, out: _Outbound) -> ssl.SSLSocket:
         with trio.fail_after(DIAL_TIMEOUT_S):
             stream = await trio.open_tcp_stream(host, out.address.port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         plain = socket.socket(fileno=stream.socket.detach())
-        plain.setblocking(False)
-        tls = self.identity.client.wrap_socket(plain, do_handshake_on_connect=False)
+        try:
+            plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            plain.setblocking(False)
+            tls = self.identity.client.wrap_socket(plain, do_handshake_on_connect=False)
+        except BaseException:
+            plain.close()
+            raise
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 await _handshake(tls)
@@ -647,6 +694,9 @@ async def _ending_link(out: _Outbound, work: Awaitable[None]) -> None:
         await work
     except (_linkio.LinkClosed, OSError, ssl.SSLError, trio.TooSlowError) as exc:
         out.end(str(exc) or type(exc).__name__)
+    except Exception as exc:  # whatever else breaks a link ends it, not the node
+        log.warning("direct link to %s failed: %r", short_id(out.peer_id), exc)
+        out.end(repr(exc))
 
 
 @asynccontextmanager
@@ -693,11 +743,10 @@ def _with_deadline(
     conn: ssl.SSLSocket,
     arg: Any,
     stopped: Callable[[], bool],
-    seconds: float,
+    until: float,
 ) -> Any:
-    """``work(conn, arg, stopped)`` in a worker thread, giving up after ``seconds``
-    (then it returns a ``_Late``: the caller raises trio.TooSlowError)."""
-    until = time.monotonic() + seconds
+    """``work(conn, arg, stopped)`` in a worker thread, giving up at ``until`` (its
+    monotonic clock; then it returns a ``_Late``: the caller raises TooSlowError)."""
     try:
         return work(conn, arg, lambda: stopped() or time.monotonic() > until)
     except _linkio.LinkClosed:

@@ -87,7 +87,7 @@ async def send_inline(conn: ssl.SSLSocket, data: bytes | memoryview) -> None:
             await trio.lowlevel.wait_writable(conn.fileno())
         except ssl.SSLWantReadError:
             await trio.lowlevel.wait_readable(conn.fileno())
-        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise _broken(exc) from exc
 
 
@@ -103,7 +103,7 @@ async def recv_inline(conn: ssl.SSLSocket, view: memoryview) -> None:
         except ssl.SSLWantWriteError:
             await trio.lowlevel.wait_writable(conn.fileno())
             continue
-        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise _broken(exc) from exc
         if not n:
             raise LinkClosed("closed by the peer" if not got else f"closed after {got} bytes")
@@ -185,39 +185,32 @@ class Reader:
             return channel, size, bytes(body)
 
 
-async def probe(reader: Reader, size: int) -> float:
-    """Seconds for a ping of ``size`` payload bytes to be answered (the caller holds the
-    link's writer lock: only it reads a dialed link)."""
-    started = time.perf_counter()
-    with trio.fail_after(STALL_S):
-        await send_inline(reader.conn, PREFIX.pack(PING, size, 0) + bytes(size))
-        channel, _, _ = await reader.prefix()
-    if channel != PONG:
-        raise LinkClosed(f"a ping was answered on channel {channel}")
-    return time.perf_counter() - started
-
-
-async def answer_ping(reader: Reader, size: int) -> None:
-    if size > MAX_PROBE:
-        raise LinkClosed(f"a ping of {size} bytes")
+async def answer_ping(reader: Reader, size: int, seq: bytes) -> None:
+    """Drop a ping's payload and answer it with a pong that echoes its sequence number
+    (its header: at most 8 bytes)."""
+    if size > MAX_PROBE or len(seq) > 8:
+        raise LinkClosed(f"a ping of {size} bytes, numbered with {len(seq)}")
     with trio.fail_after(STALL_S):
         await reader.into(memoryview(bytearray(size)))
-        await send_inline(reader.conn, PREFIX.pack(PONG, 0, 0))
+        await send_inline(reader.conn, PREFIX.pack(PONG, 0, len(seq)) + seq)
 
 
 # ---- in a worker thread, for big payloads -----------------------------------------------
 
 
-def _wait(conn: ssl.SSLSocket, events: int, stopped: Callable[[], bool], since: float) -> None:
+def _wait(
+    conn: ssl.SSLSocket, events: int, stopped: Callable[[], bool], since: float | None
+) -> None:
     """Wait (in a worker thread) until ``conn`` is ready; LinkClosed once ``stopped()``
-    or nothing moved for STALL_S, checked on every wake-up (a peer trickling a byte at a
-    time wakes us often, and moves nothing)."""
+    or, ``since`` the last progress, nothing moved for STALL_S; checked on every wake-up
+    (a peer trickling a byte at a time wakes us often, and moves nothing). Writes pass
+    no ``since``: a receiver that holds back is backpressure, bounded by the deadline."""
     poller = select.poll()
     poller.register(conn, events)
     while True:
         if stopped():
             raise LinkClosed("shut down")
-        if time.monotonic() - since > STALL_S:
+        if since is not None and time.monotonic() - since > STALL_S:
             raise LinkClosed(f"no progress for {STALL_S:.0f} s")
         if poller.poll(POLL_S * 1000):
             return
@@ -228,17 +221,15 @@ def send_blocking(
 ) -> None:
     """``send_inline`` for a worker thread: the socket stays non-blocking, readiness is
     polled, and ``stopped()`` is asked every POLL_S."""
-    last = time.monotonic()
     for whole in views:
         view = memoryview(whole).cast("B")
         while view:
             try:
                 view = view[conn.send(view[:CHUNK]) :]
-                last = time.monotonic()
             except ssl.SSLWantWriteError:
-                _wait(conn, select.POLLOUT, stopped, last)
+                _wait(conn, select.POLLOUT, stopped, None)
             except ssl.SSLWantReadError:
-                _wait(conn, select.POLLIN, stopped, last)
+                _wait(conn, select.POLLIN, stopped, None)
             except (OSError, ssl.SSLError) as exc:
                 raise _broken(exc) from exc
 
@@ -258,7 +249,7 @@ def recv_blocking(
         except ssl.SSLWantWriteError:
             _wait(conn, select.POLLOUT, stopped, last)
             continue
-        except (OSError, ssl.SSLError, trio.ClosedResourceError) as exc:
+        except (OSError, ssl.SSLError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             raise _broken(exc) from exc
         if not n:
             raise LinkClosed(f"closed after {got} of {size} payload bytes")
