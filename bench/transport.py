@@ -1,7 +1,8 @@
 """What one hop costs: the floors under it, py-libp2p, and the mesh's direct link.
 
 One connection on 127.0.0.1, a payload sent, a one-byte answer read; median ms over
-ROUNDS round trips after warm-up, all in one run so the columns compare. The answering
+ROUNDS round trips after warm-up (the median of REPEATS such runs, interleaved), all in
+one run so the columns compare. The answering
 side runs in a child process, as the next node would, so the two ends never share a
 GIL or an event loop:
 
@@ -60,6 +61,7 @@ SIZES = {
 }
 ROUNDS = 400
 WARMUP = 40
+REPEATS = 3
 TIMEOUT_S = 60.0
 SECRET = b"salala bench mesh key, 32 bytes!"
 FLOOR = "TLS 1.3, threads (the floor)"
@@ -331,8 +333,15 @@ def run() -> list[dict[str, Any]]:
     rows = []
     for label, size in SIZES.items():
         row: dict[str, Any] = {"part": "one hop", "payload": label, "bytes": size}
-        for path, measure in PATHS.items():
-            row[path] = measure(size)
+        # Each path REPEATS times, the paths interleaved: this VM's round trips drift
+        # by 3x from one minute to the next, and a ratio of two lucky or unlucky runs
+        # would say nothing.
+        runs: dict[str, list[float]] = {path: [] for path in PATHS}
+        for _ in range(REPEATS):
+            for path, measure in PATHS.items():
+                runs[path].append(measure(size))
+        for path, values in runs.items():
+            row[path] = statistics.median(values)
         row["link / TLS floor"] = round(row[LINK] / row[FLOOR], 2)
         row["libp2p / TLS floor"] = round(row[LIBP2P] / row[FLOOR], 2)
         rows.append(row)
