@@ -397,14 +397,25 @@ def mesh_create(as_json: JsonOption = False) -> None:
 
 
 @mesh_app.command("invite")
-def mesh_invite(data_dir: DataDirOption = None, as_json: JsonOption = False) -> None:
+def mesh_invite(
+    data_dir: DataDirOption = None,
+    as_json: JsonOption = False,
+    qr: Annotated[
+        bool, typer.Option("--qr", help="Also print it as a QR code, for a phone's camera.")
+    ] = False,
+) -> None:
     """Print a join URI for this mesh (it holds the mesh key: share it like a password)."""
     with connect(data_dir) as node:
         invite = node.invite()
     if as_json:
         _print_json(invite)
-    else:
-        print(invite["uri"])
+        return
+    print(invite["uri"])
+    if qr:
+        import segno
+
+        # Two rows of modules per line of half blocks, light on dark as terminals draw.
+        segno.make(invite["uri"], error="m").terminal(out=sys.stdout, compact=True)
 
 
 def _ago(seconds: float | None) -> str:

@@ -187,3 +187,26 @@ def test_node_stop_is_answered_and_the_node_exits_cleanly(tmp_path: Path) -> Non
         if node.process.poll() is None:
             node.process.kill()
             node.process.wait(10)
+
+
+def _qr_image(text: str) -> np.ndarray:
+    """The half-block QR code a terminal shows, as a grey image (one char: two modules
+    stacked; a full block is two light ones), scaled up for a decoder."""
+    lines = [line for line in text.splitlines() if line and set(line) <= set("█▀▄ ")]
+    rows = []
+    for line in lines:
+        rows.append([255 if c in "█▀" else 0 for c in line])
+        rows.append([255 if c in "█▄" else 0 for c in line])
+    image = np.array(rows, dtype=np.uint8)
+    return np.kron(image, np.ones((4, 4), dtype=np.uint8))
+
+
+def test_mesh_invite_qr_encodes_the_join_uri(shared_node: NodeProcess) -> None:
+    import zxingcpp
+
+    done = salala(shared_node, "mesh", "invite", "--qr")
+    assert done.returncode == 0, done.stderr
+    uri = done.stdout.splitlines()[0]
+    assert uri.startswith("salala://join?")
+    found = zxingcpp.read_barcodes(_qr_image(done.stdout))
+    assert [code.text for code in found] == [uri]
