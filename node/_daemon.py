@@ -28,6 +28,7 @@ from ..mesh import (
     short_id,
 )
 from ._backend import NodeBackend
+from ._battery import BatteryWatch, watching
 from ._errors import NodeAlreadyRunningError
 from ._http import HttpSettings, serve_http
 from ._identity import load_or_create_identity
@@ -140,13 +141,14 @@ async def run_node(
     )
 
     started: list[Inference] = []  # filled once the mesh is up; adverts read it
+    battery = BatteryWatch()  # read off the event loop; adverts read its last value
 
     def local_state() -> LocalState:
         server = started[0].server if started else None
         serving = server.serving() if server else []
         fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
         undeployed = started[0].undeployer.markers() if started else []
-        capacity = runtime.probe_capacity(throughput).to_dict()
+        capacity = runtime.probe_capacity(throughput, battery).to_dict()
         # The planner sees what this node lends, not what is free.
         if server is not None:
             capacity["memory_available"] = server.memory_free()
@@ -171,6 +173,7 @@ async def run_node(
         link_dir=data_dir.links if config.direct_links else None,
     )
     async with (
+        watching(battery),
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(
             mesh,
@@ -204,6 +207,7 @@ async def run_node(
             inference=inference,
             training=training,
             throughput=throughput,
+            battery=battery,
             threads=config.threads,
             compute=compute,
             max_tensor_bytes=config.max_tensor_bytes,

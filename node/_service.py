@@ -137,6 +137,7 @@ class NodeService:
         inference: Inference,
         training: Training,
         throughput: runtime.Throughput,
+        battery: runtime.BatterySource,
         threads: int | None,
         compute: trio.CapacityLimiter,
         max_tensor_bytes: int,
@@ -148,6 +149,7 @@ class NodeService:
         self.training = training
         self.max_tensor_bytes = max_tensor_bytes
         self.throughput = throughput
+        self.battery = battery
         self.threads = threads
         self.shutdown_requested = trio.Event()
         self.stop_after_reply = False
@@ -189,7 +191,7 @@ class NodeService:
             "pid": os.getpid(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self._started, 3),
-            "capacity": runtime.probe_capacity(self.throughput).to_dict(),
+            "capacity": runtime.probe_capacity(self.throughput, self.battery).to_dict(),
             "models": len(self.store.list()),
             "store": {"used": self.store.used_bytes(), "quota": self.store.max_bytes},
             "kv_cache": {  # generation sessions whose stages run here

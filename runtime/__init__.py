@@ -3,6 +3,7 @@ and the numpy optimisers that training stages step with."""
 
 from ._battery import BatterySource as BatterySource
 from ._battery import BatteryState as BatteryState
+from ._battery import default_battery_source as default_battery_source
 from ._capacity import Capacity as Capacity
 from ._capacity import probe_capacity as probe_capacity
 from ._errors import InputMismatchError as InputMismatchError

@@ -178,6 +178,7 @@ SURFACES = {
         "Optimizer",
         "OptimizerError",
         "make_optimizer",
+        "default_battery_source",
     },
     "salala.models": {
         "DEFAULT_LLM",

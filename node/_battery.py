@@ -1,0 +1,67 @@
+"""The battery, read off the event loop.
+
+On a phone the reading is a subprocess (``termux-battery-status`` asks an Android
+service, and can take seconds), and capacity is probed every 2 s for the advert. So a
+task refreshes the reading in a worker thread, within a timeout, and everyone else reads
+the last value, which never blocks.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .. import runtime
+
+REFRESH_S = 10.0
+TIMEOUT_S = 5.0
+
+
+class BatteryWatch:
+    """A ``runtime.BatterySource`` whose ``read`` returns the last reading taken off
+    the event loop (None until one arrives, or while the battery cannot be read)."""
+
+    def __init__(
+        self,
+        source: runtime.BatterySource | None = None,
+        refresh_s: float = REFRESH_S,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
+        self._source = source or runtime.default_battery_source()
+        self._refresh_s = refresh_s
+        self._timeout_s = timeout_s
+        self._state: runtime.BatteryState | None = None
+
+    def read(self) -> runtime.BatteryState | None:
+        return self._state
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh forever; ready once the first reading arrived or timed out."""
+        while True:
+            self._state = None
+            with trio.move_on_after(self._timeout_s):  # a stuck reading is abandoned
+                self._state = await trio.to_thread.run_sync(
+                    self._read_safely,
+                    abandon_on_cancel=True,  # type: ignore[call-arg]  # stale trio-stubs
+                )
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            await trio.sleep(self._refresh_s)
+
+    def _read_safely(self) -> runtime.BatteryState | None:
+        try:
+            return self._source.read()
+        except Exception:  # no battery service, bad JSON, a timeout: unknown
+            return None
+
+
+@asynccontextmanager
+async def watching(watch: BatteryWatch) -> AsyncIterator[BatteryWatch]:
+    """Run ``watch`` for the duration of the block."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        try:
+            yield watch
+        finally:
+            nursery.cancel_scope.cancel()
