@@ -83,11 +83,13 @@ def test_a_link_port_nobody_listens_on_sends_frames_over_libp2p(tmp_path: Path) 
         formed(nodes)
 
         def fallen_back() -> dict | None:
+            """The dial failed (before the blocked node's advert is live here, the row
+            says it advertises no link: not yet the case under test)."""
             link = links_of(nodes[0]).get(blocked_id)
-            return link if link and link["path"] == "libp2p" else None
+            failed = link and "cannot open a direct link" in link.get("reason", "")
+            return link if failed and link["path"] == "libp2p" else None
 
-        link = wait_until(fallen_back, 15, "the blocked link falling back")
-        assert "cannot open a direct link" in link["reason"]
+        wait_until(fallen_back, 15, "the blocked link's dial failing")
         with nodes[0].client() as client:
             deployment = client.deploy("minilm", shards=3)
         deployed_everywhere(nodes, deployment["deployment"])
