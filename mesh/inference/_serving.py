@@ -1,9 +1,10 @@
 """Serving stages of deployments: the inference data path on every member.
 
-Frames arrive on ``/salala/infer/1.0.0`` streams (one long-lived stream per sending
-peer). A reader per stream validates each frame, refuses oversized ones, and hands
-stage work to a bounded queue: when the queue is full the reader stops reading, the
-sender's Yamux window fills, and its writes wait. That is the backpressure; there is
+Frames arrive over direct links (see ``wire._direct``), or on ``/salala/infer/1.0.0``
+streams (one long-lived stream per sending peer). A reader per link or stream validates
+each frame, refuses oversized ones, and hands stage work to a bounded queue: when the
+queue is full the reader stops reading, the sender's TCP (or Yamux) window fills, and
+its writes wait. That is the backpressure; there is
 no unbounded buffer anywhere. One worker runs the sessions (they already use every
 core) and forwards each output to the next stage's peer in its own task, so the next
 request computes while the last one is on the wire. Results and errors go straight
@@ -37,10 +38,8 @@ from ..wire import (
     Links,
     Progress,
     SchemaError,
-    decode_payload,
     encode_frame,
     frame_timeout,
-    parse_header,
     read_header,
     read_leased_payload,
     skip_payload,
@@ -303,27 +302,21 @@ class StageServer:
             await self._take(header, tensors, lease)
 
     async def handle_link_frame(self, peer_id: str, frame: LinkFrame) -> None:
-        """A frame from a direct link: checked as a stream's, but read already (in the
-        link's thread, leased, or skipped when over the limit), so the link goes on
-        whatever is wrong with this one frame."""
+        """A frame from a direct link: checked as a stream's, but read already (leased,
+        or skipped when over the limit), so the link goes on whatever is wrong with this
+        one frame."""
         try:
-            header, size = parse_header(frame.body, INFER_FRAME)
-            if size != frame.size:
-                raise SchemaError("tensors", f"announce {size} bytes, the frame holds {frame.size}")
+            header = frame.header(INFER_FRAME)
         except SchemaError as exc:
-            if frame.lease is not None:
-                frame.lease.release()
             await self._refuse_unreadable(exc)
             return
         if frame.payload is None:
             if header["kind"] == "infer":
-                await self._refuse_too_large(header, size)
+                await self._refuse_too_large(header, frame.size)
             return
         try:
-            tensors = decode_payload(header, frame.payload)
+            tensors = frame.tensors(header)
         except WireError as exc:
-            if frame.lease is not None:
-                frame.lease.release()
             log.debug("a frame from %s: %s", short_id(peer_id), exc)
             return
         await self._take(header, tensors, frame.lease)

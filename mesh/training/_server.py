@@ -45,9 +45,7 @@ from ..wire import (
     LinkError,
     LinkFrame,
     Links,
-    decode_payload,
     encode_frame,
-    parse_header,
     read_header,
     read_leased_payload,
 )
@@ -148,18 +146,15 @@ class TrainServer:
                 raise
 
     async def handle_link_frame(self, peer_id: str, frame: LinkFrame) -> None:
-        """A frame from a direct link, read already by the link's thread: a bad or
-        oversized one is dropped (and logged) while the link goes on."""
+        """A frame from a direct link, read already (or skipped, when over the limit): a
+        bad or oversized one is dropped (and logged) while the link goes on."""
         try:
-            header, size = parse_header(frame.body, TRAIN_FRAME)
-            if size != frame.size:
-                raise WireError(f"tensors announce {size} bytes, the frame holds {frame.size}")
+            header = frame.header(TRAIN_FRAME)
             if frame.payload is None:
-                raise WireError(f"a frame of {size} bytes exceeds the limit of {self.max_payload}")
-            tensors = decode_payload(header, frame.payload)
+                limit = self.max_payload
+                raise WireError(f"a frame of {frame.size} bytes exceeds the limit of {limit}")
+            tensors = frame.tensors(header)
         except WireError as exc:
-            if frame.lease is not None:
-                frame.lease.release()
             log.info("dropped a training frame from %s: %s", short_id(peer_id), exc)
             return
         try:

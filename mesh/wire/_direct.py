@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import trio
 
-from .._errors import MeshError
+from .._errors import MeshError, WireError
 from .._peerid import short_id
 from . import _linkio
 from ._budget import FrameBudget, Lease
 from ._certs import LinkIdentity, fingerprint, peer_named
-from ._frames import frame_timeout
+from ._frames import decode_payload, frame_timeout, parse_header
+from ._schema import Check, SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,33 @@ class LinkFrame:
     size: int
     payload: np.ndarray | None
     lease: Lease | None
+
+    def header(self, schema: Check) -> dict[str, Any]:
+        """The header as ``schema`` admits it, its part sizes those of the payload read;
+        SchemaError (or WireError: not msgpack) says what is wrong, and the frame's
+        lease is released."""
+        try:
+            header, size = parse_header(self.body, schema)
+            if size != self.size:
+                raise SchemaError("tensors", f"announce {size} bytes, the frame holds {self.size}")
+        except WireError:
+            self.release()
+            raise
+        return header
+
+    def tensors(self, header: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The payload's tensors, views into it; WireError (and the lease released) when
+        a codec cannot decode one."""
+        assert self.payload is not None, "a skipped frame has no tensors"
+        try:
+            return decode_payload(header, self.payload)
+        except WireError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 FrameHandler = Callable[[str, LinkFrame], Awaitable[None]]
