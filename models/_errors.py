@@ -6,8 +6,9 @@ ModelError
 ├── SplitError            the model cannot be cut the way that was asked
 ├── PathEscapeError       a name would place a file outside the folder meant for it
 ├── StoreFullError        the store's quota leaves no room, even after evicting what is unused
-└── LlmImportError        a language model cannot be imported: not a GGUF file or Hugging Face
-                          folder, the ``export`` extra is missing, or the builder failed
+├── LlmImportError        a language model cannot be imported: not a GGUF file or Hugging Face
+│                         folder, the ``export`` extra is missing, or the builder failed
+└── OnnxMissingError      the work needs the onnx package, which this node does not have
 """
 
 
@@ -43,3 +44,7 @@ class StoreFullError(ModelError):
 
 class LlmImportError(ModelError, ValueError):
     """A language model cannot be imported from that source on this machine."""
+
+
+class OnnxMissingError(ModelError, ImportError):
+    """Splitting, importing or exporting a model needs the ``onnx`` extra."""

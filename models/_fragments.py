@@ -12,9 +12,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import onnx
-
-from ._split import Cut, CutAnalysis, FragmentGraph, analyze, balanced_cuts, extract_fragments
+from ._cuts import Cut, CutAnalysis
+from ._onnx import require_onnx
 from ._store import MODEL_FILE, ModelStore, StoredModel
 from ._validate import side_files
 
@@ -53,10 +52,14 @@ def _load_plan(plan_file: Path, model: StoredModel) -> SplitPlan | None:
 
 
 def _store_plan(
-    store: ModelStore, model: StoredModel, plan_file: Path, graphs: list[FragmentGraph]
+    store: ModelStore, model: StoredModel, plan_file: Path, analysis: CutAnalysis, cuts: list[Cut]
 ) -> SplitPlan:
     # A model that keeps its weights beside the graph gets fragments that do too: a
     # fragment's graph stays small to parse, and none meets protobuf's 2 GB limit.
+    onnx = require_onnx("splitting a model")
+    from ._split import extract_fragments
+
+    graphs = extract_fragments(analysis, cuts)
     external = store.object_size(model.sha256) > model.path.stat().st_size
     fragments = []
     with (
@@ -105,10 +108,18 @@ def split_stored(store: ModelStore, model: StoredModel, parts: int) -> SplitPlan
     cached = _load_plan(plan_file, model)
     if cached is not None:
         return cached
-    analysis = analyze(onnx.load(str(model.path)))
-    return _store_plan(
-        store, model, plan_file, extract_fragments(analysis, balanced_cuts(analysis, parts))
-    )
+    analysis = analyze_stored(model)
+    from ._split import balanced_cuts
+
+    return _store_plan(store, model, plan_file, analysis, balanced_cuts(analysis, parts))
+
+
+def analyze_stored(model: StoredModel) -> CutAnalysis:
+    """Where ``model`` can be cut and what each stretch costs (needs the onnx extra)."""
+    onnx = require_onnx(f"planning how to split {model.name!r}")
+    from ._split import analyze
+
+    return analyze(onnx.load(str(model.path)))
 
 
 def split_stored_at(
@@ -120,7 +131,7 @@ def split_stored_at(
     cached = _load_plan(plan_file, model)
     if cached is not None:
         return cached
-    return _store_plan(store, model, plan_file, extract_fragments(analysis, cuts))
+    return _store_plan(store, model, plan_file, analysis, cuts)
 
 
 def held_fragments(store: ModelStore) -> list[str]:

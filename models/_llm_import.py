@@ -29,20 +29,22 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import onnx
+from typing import TYPE_CHECKING, Any
 
 from ._errors import LlmImportError
 from ._llm_card import CARD_FILE, TOKENIZER_FILE, LlmCard
+from ._onnx import require_onnx
 from ._store import MODEL_FILE, ModelStore, StoredModel, check_name
+
+if TYPE_CHECKING:
+    import onnx
 
 QUANTIZE = ("none", "int8", "int4")
 _PRECISION = {"none": "fp32", "int8": "int8", "int4": "int4"}
 # MatMulNBits options for int8/int4: block 32, and accuracy level 4 (activations are
 # quantized to int8 inside the MatMul), the builder's CPU default and its fastest path.
 _NBITS_OPTIONS = ["block_size=32", "accuracy_level=4"]
-_EXPORT_PACKAGES = ("torch", "transformers", "gguf", "accelerate", "onnxruntime_genai")
+_EXPORT_PACKAGES = ("torch", "transformers", "gguf", "accelerate", "onnxruntime_genai", "onnx")
 _GGUF_MAGIC = b"GGUF"
 # transformers' GenerationConfig defaults, for models whose config names none.
 _DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
@@ -146,7 +148,7 @@ def _token_id(tokenizer: Any, token: object) -> int | None:
     return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
-def _kv_info(model: onnx.ModelProto) -> tuple[str, bool]:
+def _kv_info(model: "onnx.ModelProto") -> tuple[str, bool]:
     """The past tensors' dtype, and whether the graph takes position_ids."""
     inputs = {i.name: i for i in model.graph.input}
     past = inputs.get("past_key_values.0.key")
@@ -154,7 +156,9 @@ def _kv_info(model: onnx.ModelProto) -> tuple[str, bool]:
         raise LlmImportError(
             "the built graph lacks input_ids, attention_mask or past_key_values.0.key"
         )
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
+    from onnx import helper
+
+    dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
     return dtype, "position_ids" in inputs
 
 
@@ -190,6 +194,7 @@ def make_card(hf: Path, built: Path) -> LlmCard:
         if template_file.is_file()
         else tokenizer_config.get("chat_template")
     )
+    onnx = require_onnx("importing a language model")
     graph = onnx.load(str(built / MODEL_FILE), load_external_data=False)
     kv_dtype, position_ids = _kv_info(graph)
     sampling = {

@@ -39,7 +39,7 @@ from typing import Any
 
 from ._errors import InvalidModelError, UnknownModelError
 from ._quota import plan_eviction
-from ._validate import load_checked, side_files
+from ._validate import check_model_file, side_files
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -274,7 +274,7 @@ class ModelStore:
         store (a finished fetch), and the fetch's reservation already counts them.
         """
         path = Path(path)
-        _, external = load_checked(path)
+        external = check_model_file(path)
         side = side_files(path, external)
         sha256 = _digest(path.resolve(), external, side)
         final = self._objects / sha256

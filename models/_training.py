@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
 from ._errors import InvalidModelError
+from ._onnx import require_onnx
 
 MANIFEST = "training.json"
 PARAMS_FILE = "params.onnx"
@@ -79,6 +78,8 @@ def load_package(folder: Path) -> TrainingPackage:
 
 def write_params(path: Path, params: dict[str, np.ndarray]) -> None:
     """Parameters as a graph with no inputs whose outputs are its initializers."""
+    onnx = require_onnx("writing training parameters")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
     names = list(params)
     graph = helper.make_graph(
         [helper.make_node("Identity", [n], [f"out.{n}"]) for n in names],
@@ -97,8 +98,9 @@ def write_params(path: Path, params: dict[str, np.ndarray]) -> None:
 
 
 def read_params(path: Path) -> dict[str, np.ndarray]:
+    onnx = require_onnx("reading training parameters")
     model = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    return {t.name: onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer}
 
 
 def qualified(index: int, name: str) -> str:
@@ -126,11 +128,13 @@ def compose_inference(
     Names inside fragment i get an ``f<i>.`` prefix so that graphs written separately
     cannot collide; fragment i's output feeds fragment i+1's input.
     """
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    graph_input: onnx.ValueInfoProto | None = None
+    onnx = require_onnx("composing the trained model")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    nodes: list[Any] = []  # onnx's NodeProto, TensorProto, ValueInfoProto
+    initializers: list[Any] = []
+    graph_input: Any = None
     carried = ""
-    output: onnx.ValueInfoProto | None = None
+    output: Any = None
     opsets: dict[str, int] = {}
     ir_version = int(onnx.IR_VERSION)
     for index, fragment in enumerate(package.fragments):

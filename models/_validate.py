@@ -6,14 +6,11 @@ carry external-data entries that point at files elsewhere on the machine (a mode
 """
 
 import json
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
-import onnx
-from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-from ._contrib import register_onnxruntime_schemas
+from . import _protobuf as pb
 from ._errors import InvalidModelError
 from ._llm_card import CARD_FILE, TOKENIZER_FILE, read_card
 
@@ -21,68 +18,156 @@ from ._llm_card import CARD_FILE, TOKENIZER_FILE, read_card
 SIDE_FILES = (CARD_FILE, TOKENIZER_FILE)
 _MAX_TOKENIZER = 64 << 20  # large vocabularies (Llama 3, Qwen) take 10-20 MB
 
-register_onnxruntime_schemas()  # so the checker accepts onnxruntime's RMS norm
+# Field numbers of the messages read here, from onnx.proto.
+_MODEL_GRAPH, _MODEL_OPSETS, _MODEL_FUNCTIONS = 7, 8, 25
+_GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_OUTPUTS, _GRAPH_SPARSE_INITIALIZERS = 1, 5, 12, 15
+_FUNCTION_NODES = 7
+_NODE_ATTRIBUTES = 5
+_ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
+_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 8, 13, 14
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_MAX_NESTING = 32  # subgraphs inside subgraphs (If, Loop, Scan); real models nest a few
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def _message(number: int, value: int | memoryview) -> memoryview:
+    if not isinstance(value, memoryview):
+        raise InvalidModelError(f"field {number} is a number where a message belongs")
+    return value
+
+
+def _sparse_tensors(sparse: memoryview) -> Iterator[memoryview]:
+    for number, value in pb.fields(sparse):
+        if number in (_SPARSE_VALUES, _SPARSE_INDICES):
+            yield _message(number, value)
+
+
+def _node_tensors(node: memoryview, depth: int) -> Iterator[memoryview]:
+    for attribute in pb.messages(node, _NODE_ATTRIBUTES):
+        for number, value in pb.fields(attribute):
+            if number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+                yield _message(number, value)
+            elif number in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
+                yield from _sparse_tensors(_message(number, value))
+            elif number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+                yield from _graph_tensors(_message(number, value), depth + 1)
+
+
+def _graph_tensors(graph: memoryview, depth: int) -> Iterator[memoryview]:
     """Initializers and tensor attributes, including those of nested subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _all_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _all_tensors(subgraph)
+    if depth > _MAX_NESTING:
+        raise InvalidModelError(f"subgraphs nest deeper than {_MAX_NESTING} levels")
+    for number, value in pb.fields(graph):
+        if number == _GRAPH_INITIALIZERS:
+            yield _message(number, value)
+        elif number == _GRAPH_SPARSE_INITIALIZERS:
+            yield from _sparse_tensors(_message(number, value))
+        elif number == _GRAPH_NODES:
+            yield from _node_tensors(_message(number, value), depth)
 
 
-def external_data_files(model: onnx.ModelProto, path: Path) -> list[Path]:
+def _external_location(tensor: memoryview) -> str | None:
+    """Where the tensor keeps its bytes, if it keeps them outside the model file."""
+    if pb.integer(tensor, _TENSOR_DATA_LOCATION) != _EXTERNAL:
+        return None
+    location = None
+    for entry in pb.messages(tensor, _TENSOR_EXTERNAL_DATA):
+        if pb.text(entry, _ENTRY_KEY) == "location":
+            location = pb.text(entry, _ENTRY_VALUE)
+    if not location:
+        name = pb.text(tensor, _TENSOR_NAME)
+        raise InvalidModelError(f"tensor {name!r} keeps external data but names no location")
+    return location
+
+
+def _external_data_files(model: memoryview, path: Path) -> list[Path]:
     """The external-data files the model at ``path`` names, each checked to lie beside it."""
     root = path.parent.resolve()
     files: set[Path] = set()
-    for tensor in _all_tensors(model.graph):
-        if not uses_external_data(tensor):
+    graphs = [_message(n, v) for n, v in pb.fields(model) if n == _MODEL_GRAPH]
+    functions = [_message(n, v) for n, v in pb.fields(model) if n == _MODEL_FUNCTIONS]
+    tensors = [t for graph in graphs for t in _graph_tensors(graph, 0)]
+    for function in functions:
+        for node in pb.messages(function, _FUNCTION_NODES):
+            tensors.extend(_node_tensors(node, 0))
+    for tensor in tensors:
+        location = _external_location(tensor)
+        if location is None:
             continue
-        location = ExternalDataInfo(tensor).location
+        name = pb.text(tensor, _TENSOR_NAME)
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):
             raise InvalidModelError(
-                f"{path}: tensor {tensor.name!r} points its external data at {location!r}, "
+                f"{path}: tensor {name!r} points its external data at {location!r}, "
                 f"outside the model's folder"
             )
         if not target.is_file():
             raise InvalidModelError(
-                f"{path}: tensor {tensor.name!r} needs external data file {location!r}, "
+                f"{path}: tensor {name!r} needs external data file {location!r}, "
                 f"which is missing from the model's folder"
             )
         files.add(target)
     return sorted(files)
 
 
-def load_checked(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
-    """Parse and check a model without reading its external data.
+def _has_graph_opsets_and_outputs(model: memoryview) -> bool:
+    graphs = list(pb.messages(model, _MODEL_GRAPH))
+    if not graphs or not any(True for _ in pb.messages(model, _MODEL_OPSETS)):
+        return False
+    graph = graphs[-1]
+    return any(True for _ in pb.messages(graph, _GRAPH_NODES)) and any(
+        True for _ in pb.messages(graph, _GRAPH_OUTPUTS)
+    )
 
-    Returns the model (external tensors still unresolved) and its external-data files.
-    """
-    if not path.is_file():
-        raise InvalidModelError(f"{path} is not a file")
+
+def _run_onnx_checker(path: Path) -> None:
+    """The onnx package's checker, where it is installed: nodes without it (phones) rely on
+    onnxruntime refusing a malformed graph when it loads it."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise InvalidModelError(f"{path} is not a valid ONNX model: {exc}") from exc
-    if not model.graph.node or not model.graph.output or not model.opset_import:
-        raise InvalidModelError(
-            f"{path} is not a valid ONNX model: it has no graph, outputs or opset "
-            "(a truncated file or another format)"
-        )
-    files = external_data_files(model, path)
+        import onnx
+    except ImportError:
+        return
+
+    from ._contrib import register_onnxruntime_schemas
+
+    register_onnxruntime_schemas()  # so the checker accepts onnxruntime's RMS norm
     try:
         onnx.checker.check_model(str(path))  # by path: resolves external data beside it
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{path} fails the ONNX checker: {exc}") from exc
-    return model, files
+
+
+def check_model_file(path: Path) -> list[Path]:
+    """Check a model file without reading its external data; return its external-data files.
+
+    The file is read through a memory map and walked field by field, so the check needs
+    neither the onnx package nor a copy of the weights.
+    """
+    if not path.is_file():
+        raise InvalidModelError(f"{path} is not a file")
+    try:
+        with open(path, "rb") as file:
+            if path.stat().st_size == 0:
+                raise InvalidModelError(f"{path} is not a valid ONNX model: it is empty")
+            # Unmapped when the last view of it goes (views may outlive this call in a
+            # traceback, and closing a map with live views raises).
+            view = memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+        if not _has_graph_opsets_and_outputs(view):
+            raise InvalidModelError(
+                f"{path} is not a valid ONNX model: it has no graph, outputs or opset "
+                "(a truncated file or another format)"
+            )
+        files = _external_data_files(view, path)
+    except InvalidModelError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise InvalidModelError(f"{path} is not a valid ONNX model: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"{path} cannot be read as an ONNX model: {exc}") from exc
+    _run_onnx_checker(path)
+    return files
 
 
 def side_files(path: Path, external: list[Path]) -> list[Path]:

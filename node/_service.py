@@ -56,6 +56,7 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
     (models.UnknownModelError, UnknownModelError),
     (models.InvalidModelError, InvalidModelError),
     (models.SplitError, CannotSplitError),
+    (models.OnnxMissingError, CannotSplitError),
     (models.StoreFullError, StoreFullError),
     (models.ChatTemplateError, BadRequestError),
     (MeshContextLengthError, ContextLengthError),

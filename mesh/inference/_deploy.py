@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import onnx
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
@@ -20,7 +19,7 @@ from ...models import (
     CutAnalysis,
     ModelStore,
     StoredModel,
-    analyze,
+    analyze_stored,
     llm_card,
     split_stored_at,
 )
@@ -178,7 +177,7 @@ class Deployer:
         live_at_start = [p.peer_id for p in self._capacities()]
         analysis = self._analyses.get(stored.sha256)
         if analysis is None:
-            analysis = await trio.to_thread.run_sync(lambda: analyze(onnx.load(str(stored.path))))
+            analysis = await trio.to_thread.run_sync(analyze_stored, stored)
             card = llm_card(stored)
             if card is not None:  # a language model's stages hold caches at full context
                 per_past = card.kv_bytes_per_token() // (2 * card.num_layers)
