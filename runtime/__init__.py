@@ -1,6 +1,7 @@
 """Everything that happens on one device: onnxruntime sessions, providers, capacity,
 and the numpy optimisers that training stages step with."""
 
+from ._accelerators import Accelerator as Accelerator
 from ._battery import BatterySource as BatterySource
 from ._battery import BatteryState as BatteryState
 from ._battery import default_battery_source as default_battery_source
@@ -13,6 +14,7 @@ from ._optim import Optimizer as Optimizer
 from ._optim import OptimizerError as OptimizerError
 from ._optim import make_optimizer as make_optimizer
 from ._providers import available_providers as available_providers
+from ._providers import find_accelerators as find_accelerators
 from ._session import ModelSession as ModelSession
 from ._session import TensorSpec as TensorSpec
 from ._throughput import Throughput as Throughput

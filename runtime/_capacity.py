@@ -13,8 +13,9 @@ from typing import TypeVar
 
 import psutil
 
+from ._accelerators import Accelerator
 from ._battery import BatterySource, BatteryState, default_battery_source
-from ._providers import available_providers
+from ._providers import Hardware, probe_hardware
 from ._throughput import Throughput
 
 T = TypeVar("T")
@@ -33,10 +34,15 @@ class Capacity:
     providers: tuple[str, ...]
     gflops: float | None
     gflops_measured_at: float | None
+    # Devices the providers run on, with their memory: placement puts a stage on a peer
+    # whose first provider is an accelerator only if that device's free memory holds it.
+    accelerators: tuple[Accelerator, ...]
 
     def to_dict(self) -> dict[str, object]:
+        """Plain lists, dicts, str, int, float, bool and None: an advert's msgpack."""
         data = asdict(self)
         data["providers"] = list(self.providers)
+        data["accelerators"] = [a.to_dict() for a in self.accelerators]
         return data
 
 
@@ -60,6 +66,7 @@ def probe_capacity(
     source = battery or default_battery_source()
     state: BatteryState | None = _read(source.read)
     memory = _read(psutil.virtual_memory)
+    hardware = _read(probe_hardware) or Hardware(("CPUExecutionProvider",), ())
     return Capacity(
         platform=sys.platform,
         logical_cores=_read(lambda: psutil.cpu_count(logical=True)),
@@ -69,7 +76,8 @@ def probe_capacity(
         load_1m=_read(_load_1m),
         battery_percent=None if state is None else state.percent,
         charging=None if state is None else state.charging,
-        providers=_read(available_providers) or (),
+        providers=hardware.providers,
         gflops=None if throughput is None else throughput.gflops,
         gflops_measured_at=None if throughput is None else throughput.measured_at,
+        accelerators=hardware.accelerators,
     )

@@ -58,11 +58,11 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
 
 
 class ModelSession:
-    """A ready-to-run model on this device."""
+    """A ready-to-run model on this device, from a file or from serialized bytes."""
 
     def __init__(
         self,
-        path: Path | str,
+        model: Path | str | bytes,
         *,
         threads: int | None = None,
         providers: list[str] | None = None,
@@ -76,10 +76,13 @@ class ModelSession:
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=choose_providers(providers)
+                model if isinstance(model, bytes) else str(model),
+                sess_options=options,
+                providers=choose_providers(providers),
             )
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+            what = "these model bytes" if isinstance(model, bytes) else model
+            raise ModelLoadError(f"onnxruntime cannot load {what}: {exc}") from exc
         self.inputs = tuple(_spec(a) for a in self._session.get_inputs())
         self.outputs = tuple(_spec(a) for a in self._session.get_outputs())
         self.providers = tuple(self._session.get_providers())

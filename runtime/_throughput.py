@@ -1,29 +1,34 @@
 """A measured compute figure for this device: GFLOP/s of a matmul through onnxruntime.
 
 Core counts say little about speed (a phone's eight cores can lose to a laptop's two),
-so placement uses this measurement. It takes about half a second, so the result is
-cached on disk with the time it was taken and re-measured when it is old or when the
-session setup it was measured with has changed.
+so placement uses this measurement. It runs on the provider that sessions pick first
+(a GPU's figure, where fragments will run on the GPU), and is recorded with it. It takes
+about half a second, so the result is cached on disk with the time it was taken and
+re-measured when it is old or when the session setup it was measured with has changed:
+threads, onnxruntime's version, or the provider (a GPU that appeared or went away).
+
+The probe graph ships as ``matmul.onnx`` beside this module, so measuring needs no
+``onnx`` package: nodes run with onnxruntime and numpy alone.
 """
 
 import json
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
+from ._providers import choose_providers
 from ._session import ModelSession
 from ._threads import fitted_thread_count
 
-MATRIX = 512
+MATRIX = 512  # matmul.onnx multiplies two float32 [MATRIX, MATRIX] inputs "a" and "b"
 ROUNDS = 12
 MAX_AGE_S = 7 * 24 * 3600
+PROBE_MODEL = "matmul.onnx"
 
 
 @dataclass(frozen=True)
@@ -32,25 +37,18 @@ class Throughput:
     measured_at: float  # unix time; a persisted timestamp, not a deadline
     threads: int
     ort_version: str
+    provider: str  # the execution provider the figure was measured on
 
 
-def _matmul_model(path: Path) -> None:
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [MATRIX, MATRIX])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [MATRIX, MATRIX])
-    c = helper.make_tensor_value_info("c", TensorProto.FLOAT, [MATRIX, MATRIX])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "probe", [a, b], [c])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+def probe_model() -> bytes:
+    """The serialized probe graph: c = MatMul(a, b), opset 17, IR version 8."""
+    return resources.files(__package__).joinpath(PROBE_MODEL).read_bytes()
 
 
 def measure_throughput(threads: int | None = None) -> Throughput:
-    """Run the matmul benchmark now (blocking, about 0.5 s)."""
+    """Run the matmul benchmark now on the sessions' first provider (blocking, ~0.5 s)."""
     threads = threads or fitted_thread_count()
-    with tempfile.TemporaryDirectory(prefix="salala-probe-") as tmp:
-        path = Path(tmp) / "matmul.onnx"
-        _matmul_model(path)
-        session = ModelSession(path, threads=threads, providers=["CPUExecutionProvider"])
+    session = ModelSession(probe_model(), threads=threads)
     rng = np.random.default_rng(0)
     feeds = {
         "a": rng.standard_normal((MATRIX, MATRIX), dtype=np.float32),
@@ -68,6 +66,7 @@ def measure_throughput(threads: int | None = None) -> Throughput:
         measured_at=time.time(),
         threads=threads,
         ort_version=ort.__version__,
+        provider=session.providers[0],
     )
 
 
@@ -77,10 +76,15 @@ def cached_throughput(cache_file: Path, threads: int | None = None) -> Throughpu
     try:
         cached = Throughput(**json.loads(cache_file.read_text()))
         fresh = time.time() - cached.measured_at < MAX_AGE_S
-        if fresh and cached.threads == threads and cached.ort_version == ort.__version__:
+        same_setup = (cached.threads, cached.ort_version, cached.provider) == (
+            threads,
+            ort.__version__,
+            choose_providers()[0],
+        )
+        if fresh and same_setup:
             return cached
     except (OSError, ValueError, TypeError):
-        pass  # missing or unreadable cache: measure again
+        pass  # missing, unreadable or older-format cache: measure again
     result = measure_throughput(threads)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")

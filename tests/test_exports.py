@@ -172,6 +172,8 @@ SURFACES = {
         "cached_throughput",
         "measure_throughput",
         "available_providers",
+        "Accelerator",
+        "find_accelerators",
         "RuntimeFault",
         "ModelLoadError",
         "InputMismatchError",

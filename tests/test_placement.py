@@ -1,12 +1,16 @@
 """Placement is pure: cuts and peers from costs and capacities, no network."""
 
 import itertools
+from pathlib import Path
 
 import onnx
 import pytest
 from conftest import minilm_path
+from models_for_tests import mlp_model
+from salala.mesh.inference._deploy import peer_capacity
 from salala.mesh.inference._placement import (
     DEFAULT_BANDWIDTH,
+    MEMORY_FACTOR,
     PeerCapacity,
     PlacementError,
     measured_bandwidth,
@@ -106,3 +110,67 @@ def test_the_plan_follows_the_measured_bandwidth(minilm: CutAnalysis) -> None:
     assert len(slow.stages) < len(fast.stages)
     assert measured_bandwidth([]) == DEFAULT_BANDWIDTH
     assert measured_bandwidth([3.0, 1.0, 2.0, 0.0]) == 2.0
+
+
+def gpu_advert(free: int, host_memory: int) -> dict:
+    """An advert's capacity from a peer whose sessions run on its CUDA device."""
+    return {
+        "gflops": 1000.0,
+        "memory_available": host_memory,
+        "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "accelerators": [
+            {
+                "provider": "CUDAExecutionProvider",
+                "name": "NVIDIA T4",
+                "memory_total": 16 << 30,
+                "memory_free": free,
+            }
+        ],
+    }
+
+
+def test_a_gpu_peer_is_planned_by_its_devices_free_memory(tmp_path: Path) -> None:
+    """Eight equal 1 MiB layers: a roomy GPU takes half, a GPU with room for two layers
+    takes two, and one with almost nothing free takes no stage, whatever its host has."""
+    mlp = analyze(
+        onnx.load(str(mlp_model(tmp_path / "m.onnx", layers=8, width=512, seed=0, relu=False)))
+    )
+    layer = 4 * 512 * 512
+    roomy_host = 1000 * layer
+    # an older advert, without accelerators: host memory
+    cpu = peer_capacity("cpu", {"gflops": 100.0, "memory_available": roomy_host}, 0.0)
+    assert cpu == PeerCapacity("cpu", 100.0, roomy_host, 0.0)
+
+    def gpu_layers(free: int, shards: int | None) -> int:
+        gpu = peer_capacity("gpu", gpu_advert(free, roomy_host), 0.0)
+        assert gpu.memory_available == free and gpu.gflops == 1000.0
+        placement = plan_placement(mlp, [cpu, gpu], shards=shards)
+        weights = sum(
+            float(mlp.weights_before[s.end] - mlp.weights_before[s.start])
+            for s in placement.stages
+            if s.peers[0] == "gpu"
+        )
+        return round(weights / layer)
+
+    assert gpu_layers(roomy_host, shards=2) == 4
+    assert gpu_layers(int(MEMORY_FACTOR * 2 * layer), shards=2) == 2
+    assert gpu_layers(1000, shards=None) == 0
+
+
+def test_accelerator_memory_counts_only_when_that_accelerator_runs_the_stages() -> None:
+    on_cpu = gpu_advert(1000, 8 << 30) | {"providers": ["CPUExecutionProvider"]}
+    assert peer_capacity("p", on_cpu, 0.0).memory_available == 8 << 30
+    shared = {
+        "gflops": 20.0,
+        "memory_available": 4 << 30,
+        "providers": ["NnapiExecutionProvider", "CPUExecutionProvider"],
+        "accelerators": [
+            {
+                "provider": "NnapiExecutionProvider",
+                "name": "NNAPI",
+                "memory_total": None,
+                "memory_free": None,
+            }
+        ],
+    }
+    assert peer_capacity("phone", shared, 0.0).memory_available == 4 << 30  # unified memory

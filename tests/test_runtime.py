@@ -3,10 +3,13 @@
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import onnxruntime as ort
 import psutil
@@ -137,3 +140,89 @@ def test_throughput_goes_into_the_capacity_advert(tmp_path: Path) -> None:
     capacity = runtime.probe_capacity(measured)
     assert capacity.gflops == measured.gflops
     assert capacity.to_dict()["gflops_measured_at"] == measured.measured_at
+
+
+def test_throughput_is_measured_on_the_provider_sessions_pick_first(tmp_path: Path) -> None:
+    measured = runtime.measure_throughput(threads=1)
+    assert measured.provider == runtime._providers.choose_providers()[0] == "CPUExecutionProvider"
+
+    # A figure measured on another provider (a GPU since removed), or cached before the
+    # provider was recorded, is measured again on today's.
+    cache = tmp_path / "throughput.json"
+    cache.write_text(json.dumps(asdict(measured) | {"provider": "CUDAExecutionProvider"}))
+    again = runtime.cached_throughput(cache, threads=1)
+    assert again.provider == "CPUExecutionProvider" and again.measured_at > measured.measured_at
+    assert runtime.cached_throughput(cache, threads=1) == again
+    older = asdict(again)
+    del older["provider"]
+    cache.write_text(json.dumps(older))
+    assert runtime.cached_throughput(cache, threads=1).measured_at > again.measured_at
+
+
+def test_the_shipped_probe_model_is_the_matmul_onnx_helper_builds() -> None:
+    from onnx import TensorProto, checker, helper
+
+    size = runtime._throughput.MATRIX
+    a, b, c = (
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size]) for name in "abc"
+    )
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "probe", [a, b], [c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    checker.check_model(model)
+    assert runtime._throughput.probe_model() == model.SerializeToString()
+
+
+NO_ONNX = """
+import importlib.abc, sys
+
+class NoOnnx(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError(f"{name} is blocked: nodes run without onnx")
+        return None
+
+sys.meta_path.insert(0, NoOnnx())
+from salala import runtime
+measured = runtime.measure_throughput(1)
+assert measured.gflops > 0, measured
+assert runtime.probe_capacity(measured).gflops == measured.gflops
+print(sorted(m for m in sys.modules if m == "onnx" or m.startswith("onnx.")))
+"""
+
+
+def test_the_runtime_measures_and_probes_without_the_onnx_package() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", NO_ONNX], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_capacity_lists_accelerators_as_plain_data_for_the_advert() -> None:
+    capacity = replace(
+        runtime.probe_capacity(),
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        accelerators=(
+            runtime.Accelerator("CUDAExecutionProvider", "NVIDIA T4", 16 << 30, 3 << 30),
+            runtime.Accelerator("NnapiExecutionProvider", "NNAPI", None, None),
+        ),
+    )
+    data = capacity.to_dict()
+    assert data["accelerators"] == [
+        {
+            "provider": "CUDAExecutionProvider",
+            "name": "NVIDIA T4",
+            "memory_total": 16 << 30,
+            "memory_free": 3 << 30,
+        },
+        {
+            "provider": "NnapiExecutionProvider",
+            "name": "NNAPI",
+            "memory_total": None,
+            "memory_free": None,
+        },
+    ]
+    wire = msgpack.packb(data, use_bin_type=True)
+    assert msgpack.unpackb(wire, raw=False) == data
+    assert runtime.probe_capacity().to_dict()["accelerators"] == []  # none on this machine

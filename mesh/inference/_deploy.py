@@ -51,6 +51,29 @@ class DeployError(MeshError):
     """A deployment could not be completed."""
 
 
+def peer_capacity(peer_id: str, capacity: dict[str, Any], rtt_ms: float) -> PeerCapacity:
+    """What placement may count on at a peer, from its advert's capacity.
+
+    Its GFLOP/s were measured on its first provider. When that provider is an accelerator
+    whose free memory the peer reports (a GPU), its stages live in that device's memory,
+    so that, not the host's free memory, bounds what a stage there may hold. onnxruntime
+    runs a session on the provider's device 0, the first listed. Older adverts carry no
+    ``accelerators``; their peers are planned by host memory.
+    """
+    memory = float(capacity.get("memory_available") or 1 << 30)
+    providers = capacity.get("providers") or []
+    devices = [
+        a
+        for a in capacity.get("accelerators") or []
+        if providers and isinstance(a, dict) and a.get("provider") == providers[0]
+    ]
+    if devices and isinstance(devices[0].get("memory_free"), int):
+        memory = float(devices[0]["memory_free"])
+    return PeerCapacity(
+        peer_id, gflops=float(capacity.get("gflops") or 1.0), memory_available=memory, rtt_ms=rtt_ms
+    )
+
+
 async def serve_deploy(server: StageServer, peer_id: str, stream: INetStream) -> None:
     """Host the stage a member asks us to, reporting fetch progress until it is ready.
 
@@ -101,17 +124,8 @@ class Deployer:
             advert = member.advert
             if not self.mesh.is_live(advert.peer_id) or not advert.compatible:
                 continue
-            capacity = advert.capacity
-            peers.append(
-                PeerCapacity(
-                    advert.peer_id,
-                    gflops=float(capacity.get("gflops") or 1.0),
-                    memory_available=float(capacity.get("memory_available") or 1 << 30),
-                    rtt_ms=0.0
-                    if advert.peer_id == self.mesh.peer_id
-                    else float(member.rtt_ms or 1.0),
-                )
-            )
+            rtt_ms = 0.0 if advert.peer_id == self.mesh.peer_id else float(member.rtt_ms or 1.0)
+            peers.append(peer_capacity(advert.peer_id, advert.capacity, rtt_ms))
         return peers
 
     def _bandwidth(self) -> float:
