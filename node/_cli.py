@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -119,6 +120,25 @@ def node_start(
     kv_cache_mb: Annotated[
         int, typer.Option(help="Memory for generation sessions' key/value caches.")
     ] = 1024,
+    only_while_charging: Annotated[
+        bool, typer.Option(help="Take work only while the battery charges.")
+    ] = False,
+    min_battery: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Take no work below this battery percentage, unless charging."),
+    ] = None,
+    max_battery_temp: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Take no work while the battery is hotter than this (°C)."),
+    ] = None,
+    quiet_hours: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(metavar="HH:MM-HH:MM", help="Take no work in these local hours."),
+    ] = None,
+    max_cpu_percent: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="Share of the cores to lend: fewer threads, and a rest between runs."),
+    ] = None,
     http: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -141,7 +161,7 @@ def node_start(
 
     from ..mesh import MeshError, parse_invite
     from ..models import GB
-    from ._config import check_store_gb, load_file_config, resolve_mesh_key
+    from ._config import check_store_gb, load_file_config, policy_from, resolve_mesh_key
     from ._daemon import DEFAULT_LISTEN, NodeConfig, run_node
     from ._http import HttpSettings
 
@@ -161,6 +181,17 @@ def node_start(
     store_gb = check_store_gb(max_store_gb) or file_config.max_store_gb
     http_listen = http or file_config.http.get("listen")
     http_key = http_key or file_config.http.get("key")
+    policy = policy_from(
+        file_config.policy,
+        {
+            "only_while_charging": only_while_charging,
+            "min_battery_percent": min_battery,
+            "max_battery_temperature": max_battery_temp,
+            "quiet_hours": quiet_hours,
+            "max_cpu_percent": max_cpu_percent,
+            "max_memory_mb": max_memory_mb,
+        }
+    )
     config = NodeConfig(
         data_dir=resolved,
         mesh_key=resolve_mesh_key(resolved, given_key, file_config.mesh_key),
@@ -168,14 +199,15 @@ def node_start(
         peers=peers,
         interfaces=interface or file_config.interfaces or None,
         mdns=not no_mdns and file_config.mdns is not False,
-        threads=threads,
+        threads=threads or policy.threads(os.cpu_count()),
         max_request_bytes=max_request_mb << 20,
         max_tensor_bytes=max_tensor_mb << 20,
         max_store_bytes=None if store_gb is None else max(1, int(store_gb * GB)),
         http=HttpSettings.parse(http_listen, http_key) if http_listen else None,
-        max_memory_bytes=None if max_memory_mb is None else max_memory_mb << 20,
+        max_memory_bytes=None if policy.max_memory_mb is None else policy.max_memory_mb << 20,
         kv_cache_bytes=kv_cache_mb << 20,
         direct_links=not no_link,
+        policy=policy,
     )
     try:
         trio.run(run_node, config)
@@ -427,6 +459,7 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
     for column in (
         "id",
         "name",
+        "takes work",
         "addresses",
         "cores",
         "free mem",
@@ -441,24 +474,32 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for peer in peers:
         capacity = peer["capacity"]
-        battery = capacity["battery_percent"]
         providers = [p.removesuffix("ExecutionProvider") for p in capacity["providers"]]
         incompatible = "" if peer["compatible"] else f"\n[red]incompatible (v{peer['protocol']})[/]"
         table.add_row(
             peer["short_id"] + (" (this)" if peer["self"] else "") + incompatible,
             peer["name"],
+            "yes" if capacity["available"] else f"[yellow]no: {capacity['unavailable_reason']}[/]",
             "\n".join(a.split("/p2p/")[0] for a in peer["addrs"]),
             f"{capacity['physical_cores'] or '?'}/{capacity['logical_cores'] or '?'}",
             _human_bytes(capacity["memory_available"]),
             str(capacity["gflops"] or "?"),
             ",".join(providers),
-            "-" if battery is None else f"{battery:.0f}%{' ⚡' if capacity['charging'] else ''}",
+            _battery_cell(capacity),
             "?" if capacity["load_1m"] is None else f"{capacity['load_1m']:.2f}",
             "-" if peer["self"] else (f"{peer['rtt_ms']:.1f} ms" if peer["rtt_ms"] else "?"),
             "-" if peer["self"] else _link_cell(peer["link"]),
             "now" if peer["self"] else _ago(peer["last_seen_s"]),
         )
     return table
+
+
+def _battery_cell(capacity: dict[str, Any]) -> str:
+    battery, hot = capacity["battery_percent"], capacity["battery_temperature"]
+    if battery is None:
+        return "-"
+    charging = " ⚡" if capacity["charging"] else ""
+    return f"{battery:.0f}%{charging}" + ("" if hot is None else f" {hot:.0f} °C")
 
 
 def _link_cell(link: dict[str, Any] | None) -> str:

@@ -15,6 +15,14 @@ wrong types are refused with the key's name rather than ignored:
     listen = "127.0.0.1:8000"
     key = "…"                  # required for a non-loopback listen address
 
+    [policy]                   # when and how much this device lends (flags override)
+    only_while_charging = true
+    min_battery_percent = 30   # not below this, unless charging
+    max_battery_temperature = 40   # °C
+    quiet_hours = "22:00-07:00"    # local time
+    max_cpu_percent = 50       # of the cores: fewer threads, and a rest between runs
+    max_memory_mb = 2048       # what stages and their caches may hold
+
 The mesh key a node last used is kept in ``mesh.key`` (mode 0600), so a device that
 joined a mesh stays in it across restarts; a node given no key starts a mesh of its own.
 """
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import runtime
 from ..mesh import MeshKey, MeshKeyError
 from ._errors import ConfigError
 from ._paths import DataDir
@@ -44,9 +53,18 @@ class FileConfig:
     mdns: bool | None = None
     max_store_gb: float | None = None
     http: dict[str, str] = field(default_factory=dict)  # listen, key
+    policy: dict[str, Any] = field(default_factory=dict)  # see POLICY_KEYS
 
 
 HTTP_KEYS = ("listen", "key")
+POLICY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "only_while_charging": bool,
+    "min_battery_percent": (int, float),
+    "max_battery_temperature": (int, float),
+    "quiet_hours": str,
+    "max_cpu_percent": (int, float),
+    "max_memory_mb": int,
+}
 
 
 def load_file_config(data_dir: DataDir) -> FileConfig:
@@ -65,6 +83,7 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
         "mdns": bool,
         "max_store_gb": float,
         "http": dict,
+        "policy": dict,
     }
     if isinstance(raw.get("max_store_gb"), int) and not isinstance(raw["max_store_gb"], bool):
         raw["max_store_gb"] = float(raw["max_store_gb"])
@@ -78,11 +97,34 @@ def load_file_config(data_dir: DataDir) -> FileConfig:
     for key, value in raw.get("http", {}).items():
         if key not in HTTP_KEYS or not isinstance(value, str):
             raise ConfigError(f"{path}: [http] takes only strings {', '.join(HTTP_KEYS)}")
+    for key, value in raw.get("policy", {}).items():
+        kind = POLICY_KEYS.get(key)
+        number_as_flag = isinstance(value, bool) and kind is not bool
+        if kind is None or not isinstance(value, kind) or number_as_flag:
+            raise ConfigError(
+                f"{path}: [policy] {key!r} is unknown or of the wrong type; known: "
+                f"{', '.join(POLICY_KEYS)}"
+            )
     try:
+        policy_from(raw.get("policy", {}))
         check_store_gb(raw.get("max_store_gb"))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return FileConfig(**raw)
+
+
+def policy_from(
+    settings: dict[str, Any], flags: dict[str, Any] | None = None
+) -> runtime.Policy:
+    """The owner's policy: ``[policy]`` settings, each overridden by its flag if given
+    (a flag left at None or False was not given)."""
+    given = {**settings, **{k: v for k, v in (flags or {}).items() if v not in (None, False)}}
+    try:
+        hours = given.pop("quiet_hours", None)
+        quiet = None if hours is None else runtime.parse_quiet_hours(hours)
+        return runtime.Policy(**given, quiet_hours=quiet)
+    except runtime.PolicyError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def check_store_gb(value: float | None) -> float | None:

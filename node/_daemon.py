@@ -33,6 +33,7 @@ from ._errors import NodeAlreadyRunningError
 from ._http import HttpSettings, serve_http
 from ._identity import load_or_create_identity
 from ._paths import DataDir
+from ._policy import PolicyWatch, compute_limiter
 from ._server import serve_api
 from ._service import NodeService
 
@@ -61,6 +62,7 @@ class NodeConfig:
     max_memory_bytes: int | None = None  # what this node lends; None: whatever is free
     kv_cache_bytes: int = DEFAULT_KV_BUDGET  # generation sessions' caches, within the above
     direct_links: bool = True  # off: every frame goes over libp2p (the fallback path)
+    policy: runtime.Policy = field(default_factory=runtime.Policy)  # the owner's
 
 
 def _claim_socket(data_dir: DataDir) -> None:
@@ -142,6 +144,7 @@ async def run_node(
 
     started: list[Inference] = []  # filled once the mesh is up; adverts read it
     battery = BatteryWatch()  # read off the event loop; adverts read its last value
+    policy = PolicyWatch(config.policy, battery)
 
     def local_state() -> LocalState:
         server = started[0].server if started else None
@@ -156,9 +159,11 @@ async def run_node(
             free = capacity["memory_available"]
             if isinstance(free, int):
                 capacity["memory_available"] = min(free, config.max_memory_bytes)
+        capacity["available"] = policy.reason is None
+        capacity["unavailable_reason"] = policy.reason
         return LocalState(capacity, sorted(fragments), serving, undeployed)
 
-    compute = trio.CapacityLimiter(1)  # one model run at a time: each uses every core
+    compute = compute_limiter(config.policy.duty_cycle)
     # Frames from peers held at once (inference and training alike), and one peer's share.
     budget = FrameBudget(
         INBOUND_FRAMES * config.max_tensor_bytes, PEER_FRAMES * config.max_tensor_bytes
@@ -213,6 +218,7 @@ async def run_node(
             max_tensor_bytes=config.max_tensor_bytes,
         )
         nursery.start_soon(_stop_on_signal, service)
+        nursery.start_soon(policy.run, mesh.refresh)
         await nursery.start(serve_api, data_dir.socket, service, config.max_request_bytes)
         if config.http is not None:
             await nursery.start(serve_http, config.http, NodeBackend(service))

@@ -12,8 +12,8 @@ import json
 import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import tokenizers
 import trio
 
 from .. import models
@@ -29,13 +29,16 @@ from ._generation import (
     Usage,
 )
 
+if TYPE_CHECKING:
+    import tokenizers
+
 
 @dataclass(frozen=True)
 class TextModel:
     """A language model's text side: how prompts become tokens and tokens text."""
 
     card: models.LlmCard
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: "tokenizers.Tokenizer"
 
     @classmethod
     def parse(cls, card: bytes, tokenizer: bytes) -> "TextModel":
@@ -44,6 +47,12 @@ class TextModel:
             parsed = models.LlmCard.from_dict(json.loads(card))
         except (ValueError, RecursionError) as exc:  # bad JSON, nesting, or fields
             raise InvalidModelError(f"the model's card is not valid: {exc}") from exc
+        try:  # the `text` extra: a node that only hosts stages never needs it
+            import tokenizers
+        except ImportError as exc:
+            raise models.TokenizerMissingError(
+                "generating text needs the tokenizers package: pip install 'salala[text]'"
+            ) from exc
         try:
             loaded = tokenizers.Tokenizer.from_str(tokenizer.decode("utf-8"))
         except Exception as exc:  # tokenizers raises bare Exceptions for bad JSON

@@ -59,6 +59,7 @@ _TRANSLATIONS: list[tuple[type[Exception], type[SalalaError]]] = [
     (models.OnnxMissingError, CannotSplitError),
     (models.StoreFullError, StoreFullError),
     (models.ChatTemplateError, BadRequestError),
+    (models.TokenizerMissingError, BadRequestError),
     (MeshContextLengthError, ContextLengthError),
     (runtime.InputMismatchError, InvalidInputError),
     (runtime.ModelLoadError, InvalidModelError),

@@ -13,6 +13,10 @@ from ._errors import RuntimeFault as RuntimeFault
 from ._optim import Optimizer as Optimizer
 from ._optim import OptimizerError as OptimizerError
 from ._optim import make_optimizer as make_optimizer
+from ._policy import Policy as Policy
+from ._policy import PolicyError as PolicyError
+from ._policy import parse_quiet_hours as parse_quiet_hours
+from ._policy import refusal as refusal
 from ._providers import available_providers as available_providers
 from ._providers import find_accelerators as find_accelerators
 from ._session import ModelSession as ModelSession

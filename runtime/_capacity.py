@@ -31,12 +31,17 @@ class Capacity:
     load_1m: float | None
     battery_percent: float | None
     charging: bool | None
+    battery_temperature: float | None  # degrees Celsius: a phone's only thermal signal
     providers: tuple[str, ...]
     gflops: float | None
     gflops_measured_at: float | None
     # Devices the providers run on, with their memory: placement puts a stage on a peer
     # whose first provider is an accelerator only if that device's free memory holds it.
     accelerators: tuple[Accelerator, ...]
+    # Whether the owner's policy lets the device take work now, and why not; the node
+    # fills these in from its policy (see runtime._policy), a bare probe cannot know.
+    available: bool = True
+    unavailable_reason: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """Plain lists, dicts, str, int, float, bool and None: an advert's msgpack."""
@@ -76,6 +81,7 @@ def probe_capacity(
         load_1m=_read(_load_1m),
         battery_percent=None if state is None else state.percent,
         charging=None if state is None else state.charging,
+        battery_temperature=None if state is None else state.temperature,
         providers=hardware.providers,
         gflops=None if throughput is None else throughput.gflops,
         gflops_measured_at=None if throughput is None else throughput.measured_at,

@@ -1,12 +1,13 @@
 """Node settings: config.toml, the remembered mesh key, and their errors."""
 
 import stat
+from datetime import time
 from pathlib import Path
 
 import pytest
 from salala.mesh import MeshKey
 from salala.node import ConfigError
-from salala.node._config import FileConfig, load_file_config, resolve_mesh_key
+from salala.node._config import FileConfig, load_file_config, policy_from, resolve_mesh_key
 from salala.node._paths import DataDir
 
 
@@ -44,12 +45,33 @@ def test_config_file_settings_are_read(data_dir: DataDir) -> None:
         ("max_store_gb = 0\n", "max_store_gb must be a positive number"),
         ("max_store_gb = -1.5\n", "max_store_gb must be a positive number"),
         ("this is not toml", "config.toml"),
+        ("[policy]\nmin_battery = 20\n", r"\[policy\] 'min_battery' is unknown"),
+        ("[policy]\nonly_while_charging = 1\n", "'only_while_charging' is unknown or of the wrong"),
+        ("[policy]\nmax_cpu_percent = true\n", "'max_cpu_percent' is unknown or of the wrong"),
+        ("[policy]\nmin_battery_percent = 140\n", "min battery must be 0-100%"),
+        ("[policy]\nquiet_hours = '22-7'\n", "quiet hours must look like 22:00-07:00"),
+        ("[policy]\nmax_cpu_percent = 0\n", "max CPU must be above 0%"),
     ],
 )
 def test_bad_config_files_name_the_setting(data_dir: DataDir, text: str, message: str) -> None:
     (data_dir.root / "config.toml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_file_config(data_dir)
+
+
+def test_the_owners_policy_comes_from_its_table_and_flags_override_it(data_dir: DataDir) -> None:
+    (data_dir.root / "config.toml").write_text(
+        "[policy]\nonly_while_charging = true\nmin_battery_percent = 30\n"
+        "quiet_hours = '22:00-07:30'\nmax_cpu_percent = 50\nmax_memory_mb = 2048\n"
+    )
+    settings = load_file_config(data_dir).policy
+    policy = policy_from(settings)
+    assert policy.only_while_charging and policy.min_battery_percent == 30
+    assert policy.quiet_hours == (time(22, 0), time(7, 30))
+    assert policy.threads(8) == 4 and policy.duty_cycle == 0.5 and policy.max_memory_mb == 2048
+    flags = {"min_battery_percent": 50, "max_cpu_percent": None}  # None: flag not given
+    overridden = policy_from(settings, flags)
+    assert overridden.min_battery_percent == 50 and overridden.max_cpu_percent == 50
 
 
 def test_a_node_without_a_key_starts_its_own_mesh_and_keeps_it(data_dir: DataDir) -> None:

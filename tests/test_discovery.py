@@ -276,6 +276,12 @@ class _Mesh:
     def is_live(self, peer_id: str) -> bool:
         return True
 
+    def unavailable_reason(self, peer_id: str) -> str | None:
+        return None
+
+    def takes_work(self, peer_id: str) -> bool:
+        return True
+
 
 def test_an_incompatible_peer_is_given_no_work(tmp_path: Path) -> None:
     serving = {

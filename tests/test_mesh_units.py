@@ -7,7 +7,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from salala.mesh import InviteError, MeshKey, MeshKeyError, WireError, make_invite, parse_invite
 from salala.mesh.membership import _interfaces as interfaces
-from salala.mesh.membership._adverts import Advert, advert_from_wire
+from salala.mesh.membership._adverts import VERSION, Advert, advert_from_wire
 from salala.mesh.membership._sync import SYNC, parse_sync, sync_message
 from salala.mesh.membership._table import Change, Membership
 from salala.mesh.wire import validate
@@ -104,7 +104,7 @@ def test_signed_adverts_survive_the_wire() -> None:
         (lambda w: w.update(name="n" * 65), "at most 64"),
         (lambda w: w.update(v=0), "version 0 is out of range"),
         (lambda w: w.update(v="2"), "'v' has the wrong type"),
-        (lambda w: w.pop("incarnation") and w.update(v=4), "lacks"),
+        (lambda w: w.pop("incarnation") and w.update(v=VERSION + 1), "lacks"),
         (lambda w: w.update(link={"port": 0, "pin": "0" * 64, "bandwidth": None}), "link.port"),
         (lambda w: w.update(link={"port": 9, "pin": "x"}), "link"),
         (lambda w: w.update(undeployed=[{"model": "x"}]), "undeployed"),

@@ -1,5 +1,7 @@
 """The on-device runtime: sessions, input checks, capacity probe, throughput cache."""
 
+import builtins
+import io
 import json
 import os
 import stat
@@ -8,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -81,34 +84,61 @@ def test_capacity_reports_what_the_device_has() -> None:
     assert capacity.gflops is None  # no measurement passed in
 
 
+# What Android forbids an app to read (SELinux): /proc/stat from Android 8, /proc/net
+# from Android 10, the thermal zones on most phones; /proc/loadavg on many.
+ANDROID_DENIED = ("/proc/stat", "/proc/net", "/sys/class/thermal", "/proc/loadavg")
+
+
 def test_capacity_on_an_android_phone_reports_unknowns_instead_of_crashing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Termux: /proc/stat and /proc/loadavg are forbidden, psutil has no battery,
-    and termux-battery-status answers in JSON (a real script on PATH stands in for it)."""
+    """Termux: every read of the paths Android denies raises PermissionError, psutil has
+    no battery, and termux-battery-status answers in JSON (a real script on PATH stands
+    in for it), carrying the battery temperature, a phone's only thermal signal."""
+
+    def guard(real: Any) -> Any:
+        def opener(path: Any, *args: Any, **kwargs: Any) -> Any:
+            name = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
+            if name.startswith(ANDROID_DENIED):
+                raise PermissionError(13, "Permission denied", name)
+            return real(path, *args, **kwargs)
+
+        return opener
+
+    for module, name in (
+        (builtins, "open"),
+        (io, "open"),
+        (os, "open"),
+        (os, "listdir"),
+        (os, "scandir"),
+    ):
+        monkeypatch.setattr(module, name, guard(getattr(module, name)))
 
     def forbidden(*args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied", "/proc/stat")
+        raise PermissionError(13, "Permission denied", "/proc/loadavg")
 
+    monkeypatch.setattr(os, "getloadavg", forbidden)  # C code: no open() to guard
     monkeypatch.setattr(sys, "platform", "android")
-    monkeypatch.setattr(psutil, "cpu_count", forbidden)
-    monkeypatch.setattr(psutil, "getloadavg", forbidden)
-    monkeypatch.setattr(os, "getloadavg", forbidden)
-    monkeypatch.setattr(psutil, "virtual_memory", forbidden)
     script = tmp_path / "termux-battery-status"
     script.write_text(
-        '#!/bin/sh\necho \'{"percentage": 81, "plugged": "PLUGGED_USB", "status": "CHARGING"}\'\n'
+        '#!/bin/sh\necho \'{"percentage": 81, "plugged": "PLUGGED_USB", '
+        '"status": "CHARGING", "temperature": 33.4}\'\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for path in ANDROID_DENIED:  # the guard holds (and Linux has these, so it is hit)
+        with pytest.raises(PermissionError):
+            open(f"{path}/x" if path.endswith(("net", "thermal")) else path)
 
     capacity = runtime.probe_capacity()
+    runtime._threads.fitted_thread_count()
 
     assert capacity.platform == "android"
-    assert capacity.logical_cores is None and capacity.physical_cores is None
-    assert capacity.memory_total is None and capacity.load_1m is None
+    assert capacity.load_1m is None
     assert capacity.battery_percent == 81.0 and capacity.charging is True
-    assert runtime._threads.fitted_thread_count() == 1
+    assert capacity.battery_temperature == 33.4
+    assert "CPUExecutionProvider" in capacity.providers
+    assert msgpack.unpackb(msgpack.packb(capacity.to_dict())) == capacity.to_dict()
 
 
 def test_a_battery_that_cannot_be_read_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,7 +122,7 @@ class Deployer:
         peers = []
         for member in self.mesh.membership.members():
             advert = member.advert
-            if not self.mesh.is_live(advert.peer_id) or not advert.compatible:
+            if not self.mesh.takes_work(advert.peer_id) or not advert.compatible:
                 continue
             rtt_ms = 0.0 if advert.peer_id == self.mesh.peer_id else float(member.rtt_ms or 1.0)
             peers.append(peer_capacity(advert.peer_id, advert.capacity, rtt_ms))
@@ -285,10 +285,12 @@ class Deployer:
             and m.advert.compatible
             and m.advert.peer_id not in avoid
         ]
+        # A member its owner holds back still lends its copy of the fragment, not compute.
         sources = [m.advert.peer_id for m in live if entry.fragment in m.advert.fragments]
         if not sources:
             raise DeployError(f"no live peer holds fragment {entry.fragment[:12]}")
-        ranked = sorted(live, key=lambda m: -float(m.advert.capacity.get("gflops") or 0))
+        workers = [m for m in live if self.mesh.unavailable_reason(m.advert.peer_id) is None]
+        ranked = sorted(workers, key=lambda m: -float(m.advert.capacity.get("gflops") or 0))
         failures = []
         for member in ranked:
             peer_id = member.advert.peer_id

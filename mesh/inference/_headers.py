@@ -39,6 +39,7 @@ REFUSALS = (
     "internal",
     "cache_miss",  # a decoder stage holds no cache of the length the step assumes
     "cache_full",  # a decoder stage has no room for another session's cache
+    "unavailable",  # its owner's policy keeps the member from new work (unplugged, say)
 )
 TRACE = array(row(STAGE, PEER_ID, number(0, 1e9)), MAX_STAGES)
 MAX_CONTEXT = 1 << 20

@@ -41,7 +41,7 @@ RELEASE = {
     "seed": 0,
     "release": True,
 }
-RETRYABLE = {"unreachable", "not_hosted", "internal", "cache_full"}
+RETRYABLE = {"unreachable", "not_hosted", "internal", "cache_full", "unavailable"}
 
 
 class NoRouteError(MeshError):
@@ -138,7 +138,7 @@ class Router:
         for stage, (entry, hosts) in enumerate(
             zip(deployment.entries, deployment.hosts, strict=True)
         ):
-            usable = [p for p in hosts if p not in avoid and self.mesh.is_live(p)]
+            usable = [p for p in hosts if p not in avoid and self.mesh.takes_work(p)]
             if not usable:
                 raise NoRouteError(
                     f"no live peer holds stage {entry.stage + 1}/{entry.stages} of {model} "
@@ -162,7 +162,12 @@ class Router:
             try:
                 return deployment, self._route(model, deployment, avoid, prefer)
             except NoRouteError as exc:
-                if trio.current_time() < deadline:
+                # A stage whose hosts its owners hold back moves at once; after that, and
+                # for any other stage, wait for an advert naming a host.
+                moving = exc.entry is not None and exc.entry.stage not in replanned
+                if trio.current_time() < deadline and not (
+                    moving and self._held_back(exc.entry, deployment)
+                ):
                     await trio.sleep(WATCH_S)
                     deployment = self.deployments().get(model, deployment)
                     continue
@@ -176,6 +181,16 @@ class Router:
                     raise NoRouteError(f"{exc}; re-planning it failed: {why}", entry) from why
                 log.info("stage %d of %s re-planned onto %s", entry.stage, model, short_id(peer_id))
                 deadline = trio.current_time() + ROUTE_WAIT_S  # its advert is on the way
+
+    def _held_back(self, entry: "ServingEntry | None", deployment: Deployment) -> bool:
+        """Whether every host of the stage is live but kept from work by its owner's
+        policy: waiting for them would not help, so the stage moves at once."""
+        if entry is None:
+            return False
+        hosts = deployment.hosts[entry.stage]
+        return bool(hosts) and all(
+            self.mesh.is_live(p) and self.mesh.unavailable_reason(p) is not None for p in hosts
+        )
 
     def _preference(self, peer_id: str) -> tuple[int, float]:
         if peer_id == self.mesh.peer_id:

@@ -411,6 +411,11 @@ class StageServer:
                 header, "not_hosted", f"{short_id(self.mesh.peer_id)} does not host {where}"
             )
             return
+        held_back = self.mesh.unavailable_reason(self.mesh.peer_id)
+        if held_back is not None:  # work already running here finishes; new work goes elsewhere
+            here = short_id(self.mesh.peer_id)
+            await self._refuse(header, "unavailable", f"{here} takes no work: {held_back}")
+            return
         session = self._sessions[entry.fragment]
         started = time.perf_counter()
         if "gen" in header:

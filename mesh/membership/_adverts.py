@@ -38,7 +38,9 @@ from ..wire import (
 )
 from ._discovered import MalformedPeerError, check_addrs, check_peer_id
 
-VERSION = 3  # 2: canonical signatures, undeploy markers; 3: direct links
+# 2: canonical signatures, undeploy markers; 3: direct links; 4: accelerators, battery
+# temperature, and the owner's policy (available, and why not)
+VERSION = 4
 MAX_FRAGMENTS = 4096
 MAX_NAME = 64
 MAX_FOREIGN_BYTES = 64 << 10  # what we keep of an advert of another version, to relay it
@@ -94,6 +96,18 @@ LINK = nullable(
         }
     )
 )
+# A device a provider runs on (see runtime._accelerators), with its memory when known.
+MAX_ACCELERATORS = 16
+ACCELERATOR = record(
+    {
+        "provider": text(64),
+        "name": text(128),
+        "memory_total": nullable(integer(0, 1 << 50)),
+        "memory_free": nullable(integer(0, 1 << 50)),
+    }
+)
+# Why the owner's policy keeps the member from taking work ("unplugged", "quiet hours").
+UNAVAILABLE_REASON = nullable(text(160))
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -106,13 +120,19 @@ _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "providers": list,
     "gflops": (float, int, type(None)),
     "gflops_measured_at": (float, int, type(None)),
+    "battery_temperature": (float, int, type(None)),
+    "accelerators": list,
+    "available": bool,
+    "unavailable_reason": (str, type(None)),
 }
 
 
 def unknown_capacity() -> dict[str, Any]:
     """What we show for a member whose advert we cannot read the capacity of."""
-    return {name: [] if name == "providers" else None for name in _CAPACITY_FIELDS} | {
-        "platform": "?"
+    empty: dict[str, Any] = {"providers": [], "accelerators": []}
+    return {name: empty.get(name) for name in _CAPACITY_FIELDS} | {
+        "platform": "?",
+        "available": False,
     }
 
 
@@ -198,6 +218,8 @@ def _capacity(value: Any) -> dict[str, Any]:
         _check(value[name], kind, f"capacity.{name}")
     if not all(isinstance(p, str) for p in value["providers"]):
         raise WireError("advert capacity.providers must be strings")
+    array(ACCELERATOR, MAX_ACCELERATORS)(value["accelerators"], "capacity.accelerators")
+    UNAVAILABLE_REASON(value["unavailable_reason"], "capacity.unavailable_reason")
     return value
 
 
@@ -287,6 +309,13 @@ def advert_from_wire(wire: Any) -> Advert:
     return advert
 
 
+def _moved_by(a: float | None, b: float | None, threshold: float) -> bool:
+    """Whether a reading appeared, vanished, or moved by at least ``threshold``."""
+    if (a is None) != (b is None):
+        return True
+    return a is not None and b is not None and abs(a - b) >= threshold
+
+
 def capacity_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether a new capacity reading is worth a new advert.
 
@@ -302,19 +331,34 @@ def capacity_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
         "providers",
         "gflops",
         "charging",
+        "available",
+        "unavailable_reason",
     )
     if any(old.get(k) != new.get(k) for k in fixed):
         return True
 
     def moved(name: str, threshold: float) -> bool:
-        a, b = old.get(name), new.get(name)
-        if (a is None) != (b is None):
-            return True
-        return a is not None and b is not None and abs(a - b) >= threshold
+        return _moved_by(old.get(name), new.get(name), threshold)
 
     memory_step = 0.05 * (new.get("memory_total") or 0) or 256 * 2**20
+    def memory_step_of(device: dict[str, Any]) -> float:
+        return 0.05 * (device.get("memory_total") or 0) or 256 * 2**20
+
+    devices = ("provider", "name", "memory_total")
+    old_devices = old.get("accelerators") or []
+    new_devices = new.get("accelerators") or []
+    if [[d.get(k) for k in devices] for d in old_devices] != [
+        [d.get(k) for k in devices] for d in new_devices
+    ]:
+        return True
+    if any(
+        _moved_by(a.get("memory_free"), b.get("memory_free"), memory_step_of(b))
+        for a, b in zip(old_devices, new_devices, strict=True)
+    ):
+        return True
     return (
         moved("memory_available", memory_step)
         or moved("load_1m", 0.5)
         or moved("battery_percent", 2)
+        or moved("battery_temperature", 2)
     )

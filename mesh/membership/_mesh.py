@@ -291,6 +291,17 @@ class Mesh:
             peer_id in self.membership and peer_id in self._authenticated
         )
 
+    def unavailable_reason(self, peer_id: str) -> str | None:
+        """Why the member's owner keeps it from new work (its advert says), or None."""
+        member = self.membership.get(peer_id)
+        if member is None or member.advert.capacity.get("available", True) is not False:
+            return None
+        return str(member.advert.capacity.get("unavailable_reason") or "unavailable")
+
+    def takes_work(self, peer_id: str) -> bool:
+        """Live, and its owner's policy lets it take new work."""
+        return self.is_live(peer_id) and self.unavailable_reason(peer_id) is None
+
     # ---- adverts from others --------------------------------------------------
 
     def _take_adverts(self, wires: list[Any], via: str) -> None:

@@ -85,7 +85,7 @@ class Driver:
         rows = []
         for member in self.mesh.membership.members():
             peer = member.advert.peer_id
-            if self.mesh.is_live(peer) and member.advert.compatible and peer not in avoid:
+            if self.mesh.takes_work(peer) and member.advert.compatible and peer not in avoid:
                 rows.append((-float(member.advert.capacity.get("gflops") or 1.0), peer))
         return [peer for _, peer in sorted(rows)]
 
