@@ -36,7 +36,8 @@ MESH_SIZE = 3
 
 # What `salala node start` imports before it runs the node.
 NODE_PROGRAM = "salala.node._cli, salala.node._daemon"
-# Heavy packages a node imports (directly or through a dependency), by import name.
+# Heavy packages a node imports (directly or through a dependency). Where a package's
+# own __init__ is lazy, the submodule the node ends up importing is named instead.
 PACKAGES = (
     "libp2p",
     "onnxruntime",
@@ -44,22 +45,22 @@ PACKAGES = (
     "onnx",
     "tokenizers",
     "zeroconf",
-    "hypercorn",
+    "hypercorn.trio",
     "typer",
-    "rich",
+    "rich.console",
     "trio",
-    "cryptography",
+    "cryptography.x509",
     "multiaddr",
-    "aioquic",
-    "dns.resolver",
+    "aioquic.quic.connection",
+    "dns.asyncresolver",
     "requests",
     "httpx",
-    "google.protobuf",
+    "google.protobuf.message",
     "prometheus_client",
-    "nacl",
+    "nacl.bindings",
     "coincurve",
-    "fastecdsa",
-    "Crypto",
+    "fastecdsa.keys",
+    "Crypto.Hash.SHA256",
     "msgpack",
     "psutil",
 )
