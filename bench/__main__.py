@@ -12,12 +12,17 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from . import churn, codecs, generation, inference, local, mesh_join, training, transport
+from . import churn, codecs, generation, idle, inference, local, mesh_join, training, transport
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 BENCHMARKS: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "local": ("MiniLM on one device, batch 1, 128 tokens (latency in ms)", local.run),
+    "idle": (
+        "An idle node: import time, memory (MiB) and CPU, alone and in a 3-node mesh; "
+        "then what each heavy import costs",
+        idle.run,
+    ),
     "mesh": ("Mesh membership on loopback: join time (ms), idle cost per node", mesh_join.run),
     "inference": ("Sharded inference vs one session vs Ray (ms, req/s)", inference.run),
     "transport": (
@@ -37,7 +42,10 @@ TARGETS: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
     "inference": inference.targets,
     "generation": generation.targets,
     "transport": transport.targets,
+    "idle": idle.targets,
 }
+# Benchmarks whose rows print as one table per value of their "part" column.
+BY_PART = {"idle"}
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
@@ -78,7 +86,16 @@ def main(names: list[str]) -> None:
         (RESULTS / f"{name}.json").write_text(
             json.dumps({"title": title, "machine": machine, "rows": rows, **extra}, indent=2)
         )
-        console.print(_table(title, rows))
+        if name in BY_PART:
+            for part in dict.fromkeys(row["part"] for row in rows):
+                section = [
+                    {k: v for k, v in row.items() if k != "part"}
+                    for row in rows
+                    if row["part"] == part
+                ]
+                console.print(_table(f"{title}: {part}", section))
+        else:
+            console.print(_table(title, rows))
         console.print(f"results: {RESULTS / f'{name}.json'}")
 
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ..mesh.wire import SchemaError
 from . import _openai
@@ -420,7 +418,13 @@ async def serve_http(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # stale trio-stubs from libp2p
 ) -> None:
     """Serve the API until cancelled; ``task_status`` gets the URL it listens on (the
-    real port when ``settings.port`` is 0)."""
+    real port when ``settings.port`` is 0).
+
+    hypercorn is imported here, not at the top: most nodes never serve HTTP, and the
+    server would otherwise sit in every node's memory (bench/idle.py measures it)."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
     config = HypercornConfig()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
