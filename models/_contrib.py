@@ -24,7 +24,8 @@ _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat1
 
 
 def register_onnxruntime_schemas() -> None:
-    """Teach the ONNX checker onnxruntime's default-domain RMS norm (idempotent)."""
+    """Teach onnx (its shape inference and checker) onnxruntime's default-domain RMS norm,
+    which language models built by onnxruntime-genai use (idempotent)."""
     try:
         defs.get_schema("SimplifiedLayerNormalization", 1, "")
         return

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, shape_inference
 from onnx.utils import Extractor
 
+from ._contrib import register_onnxruntime_schemas
 from ._cost import node_flops
 from ._cuts import Cut, CutAnalysis
 from ._errors import SplitError
@@ -42,6 +43,8 @@ from ._graph import (
     typed_tensors,
     with_reference_dims,
 )
+
+register_onnxruntime_schemas()  # shape inference must know a decoder's RMS norm
 
 _HEAVY_OPS = {
     "MatMul",

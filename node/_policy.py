@@ -24,19 +24,21 @@ class PolicyWatch:
     def __init__(self, policy: runtime.Policy, battery: runtime.BatterySource) -> None:
         self.policy = policy
         self._battery = battery
-        self.reason = self._verdict()
 
-    def _verdict(self) -> str | None:
+    def reason(self) -> str | None:
+        """Why the policy holds the node back now (None: it may work). Cheap: the battery
+        reading is the watch's last one."""
         return runtime.refusal(self.policy, self._battery.read(), datetime.now().time())
 
     async def run(self, on_change: Callable[[], None]) -> None:
         """Re-take the verdict forever; call ``on_change`` (re-advertise) when it flips."""
+        last = self.reason()
         while True:
             await trio.sleep(CHECK_S)
-            reason = self._verdict()
-            if reason != self.reason:
+            reason = self.reason()
+            if reason != last:
                 log.info("owner's policy: %s", f"no new work ({reason})" if reason else "working")
-                self.reason = reason
+                last = reason
                 on_change()
 
 

@@ -193,7 +193,13 @@ class NodeService:
             "pid": os.getpid(),
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self._started, 3),
-            "capacity": runtime.probe_capacity(self.throughput, self.battery).to_dict(),
+            "capacity": {
+                **runtime.probe_capacity(self.throughput, self.battery).to_dict(),
+                **{  # the owner's verdict, as this node advertises it
+                    key: self.mesh.membership.own.capacity[key]
+                    for key in ("available", "unavailable_reason")
+                },
+            },
             "models": len(self.store.list()),
             "store": {"used": self.store.used_bytes(), "quota": self.store.max_bytes},
             "kv_cache": {  # generation sessions whose stages run here

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 PLUGGED = {"percentage": 80, "plugged": "PLUGGED_AC", "status": "CHARGING", "temperature": 30.5}
 UNPLUGGED = {**PLUGGED, "plugged": "UNPLUGGED", "status": "DISCHARGING"}
+ON_BATTERY = "on battery: the owner lends it only while charging"
 
 
 def own_row(node: NodeProcess) -> dict:
@@ -82,6 +83,8 @@ def test_an_unplugged_phone_stops_taking_work_and_its_stage_moves(
             battery.write_text(json.dumps(UNPLUGGED))
             # Within 5 s the phone says it takes no work (its battery is read every 3 s).
             wait_until(lambda: not own_row(phone)["capacity"]["available"], 5, "the phone refusing")
+            with phone.client() as client:  # its own status says so too
+                assert client.status()["capacity"]["unavailable_reason"] == ON_BATTERY
             before = len(answers)
             wait_until(
                 lambda: failures or len(answers) >= before + 5, 60, "answers after unplugging"
@@ -108,9 +111,7 @@ def test_an_unplugged_phone_stops_taking_work_and_its_stage_moves(
                 10,
                 "the phone's reason reaching the mesh",
             )
-            assert row["capacity"]["unavailable_reason"] == (
-                "on battery: the owner lends it only while charging"
-            )
+            assert row["capacity"]["unavailable_reason"] == ON_BATTERY
         # Plugged in again, it takes work again.
         battery.write_text(json.dumps(PLUGGED))
         wait_until(lambda: own_row(phone)["capacity"]["available"], 10, "the phone working again")
