@@ -24,6 +24,7 @@ the sources, flags and libraries fit together, not that the phone's toolchain ac
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -35,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from email.parser import Parser
 from pathlib import Path
 
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.version import Version
 from rich.console import Console
 from rich.table import Table
 
@@ -67,8 +68,9 @@ TERMUX_PACKAGES = {
 # Not installed on phones: onnx is only for splitting and importing models (issue 12).
 NOT_ON_PHONES = {"onnx"}
 # Markers as Termux's Python evaluates them.
-ANDROID = {
-    **default_environment(),
+ANDROID: dict[str, str] = {
+    "platform_release": "",
+    "platform_version": "",
     "python_version": PYTHON_VERSION,
     "python_full_version": f"{PYTHON_VERSION}.0",
     "implementation_version": f"{PYTHON_VERSION}.0",
@@ -127,7 +129,7 @@ def pip(
 
 
 def saved_file(output: str) -> Path | None:
-    for line in output.splitlines():
+    for line in (ln.strip() for ln in output.splitlines()):
         for lead in ("Saved ", "File was already downloaded "):
             if line.startswith(lead):
                 return Path(line[len(lead) :].strip())
@@ -157,6 +159,22 @@ def download(
     return None, reason(done.stdout + done.stderr)
 
 
+def cached_sdist(name: str) -> tuple[Path, str] | None:
+    """The sdist of the version termux-constraints.txt pins, if already fetched.
+
+    pip builds an sdist just to download it; with the version pinned, a second run skips
+    that and, its wheel being cached too, builds nothing.
+    """
+    pins = [Requirement(ln) for ln in CONSTRAINTS.read_text().splitlines() if ln[:1].isalnum()]
+    for pin in pins:
+        specs = list(pin.specifier)
+        if canonicalize_name(pin.name) == name and len(specs) == 1 and specs[0].operator == "==":
+            for sdist in (CACHE / "sdists").glob("*.tar.gz"):
+                if parse_sdist_filename(sdist.name) == (name, Version(specs[0].version)):
+                    return sdist, ""
+    return None
+
+
 def reason(log: str) -> str:
     """The line of a failed build that says why; a fetch outside PyPI is named as such."""
     lines = [ln.strip() for ln in log.splitlines() if "WARNING: Location" not in ln]
@@ -164,8 +182,9 @@ def reason(log: str) -> str:
         if any(host in ln and "resolve" in ln.lower() for ln in lines):
             found = [ln for ln in lines if "has version" in ln]  # pkg-config: too old
             return f"{UNVERIFIED}: fetches from {host}" + (f" ({found[0]})" if found else "")
+    raised = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception): ", ln)]
     errors = [ln for ln in lines if "error" in ln.lower() and "subprocess" not in ln]
-    return (errors or lines or ["no output"])[-1][:160]
+    return (raised or errors or lines or ["no output"])[-1][:160]
 
 
 def wheel_requires(wheel: Path) -> list[str]:
@@ -256,7 +275,7 @@ def check(python: str) -> tuple[list[Row], dict[str, str]]:
                 row.requires = wheel_requires(wheel)
                 continue
             row.android_wheel = "no"
-            sdist, why = download(requirement, python, env)
+            sdist, why = cached_sdist(row.name) or download(requirement, python, env)
             if sdist is None:
                 row.source_build = why if why.startswith(UNVERIFIED) else f"failed: {why}"
                 row.needs_compiler = "yes (Rust)" if "crates.io" in why else ""

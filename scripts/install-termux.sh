@@ -30,7 +30,7 @@ export COINCURVE_IGNORE_SYSTEM_LIB=OFF # coincurve: link Termux's libsecp256k1
 export SKIP_CYTHON=1                  # zeroconf: pure Python
 export ANDROID_API_LEVEL=24           # Rust builds (maturin: blake3)
 export LDFLAGS="-L$PREFIX/lib -lpython$py" # Android extensions must link libpython
-# The versions make check-android built; they also bind build requirements (cffi<2).
+# The versions make check-android built; they also bind the build requirements.
 export PIP_CONSTRAINT="$here/termux-constraints.txt"
 
 pip install "$source"
