@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SALALA := $(VENV)/bin/salala
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-tools run test test-fast bench lint clean
+.PHONY: install system-tools run test test-fast bench lint check-android clean
 
 install: system-tools $(STAMP)
 
@@ -82,6 +82,23 @@ lint: install
 	for pkg in node mesh runtime models; do ln -s ../../$$pkg .typecheck/salala/$$pkg; done
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml \
 		--explicit-package-bases --namespace-packages -p salala
+
+# Can a Termux phone install the node? Fetches every dependency as Android/pure wheels, builds
+# the rest from sdists against the libraries Termux packages (their Debian -dev packages,
+# installed as root with apt-get) and prints the table. Caches in ~/.cache/salala-android.
+# Sdists build with the newest Python found (Termux runs 3.14; pyenv may have 3.13).
+ANDROID_LIBS := libsodium-dev libgmp-dev libsecp256k1-dev
+ANDROID_PYTHON ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.1[3-9]*/bin/python3))),$(PY))
+
+check-android: install
+	@missing=""; for lib in $(ANDROID_LIBS); do \
+		dpkg -s $$lib >/dev/null 2>&1 || missing="$$missing $$lib"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "apt-get install$$missing"; export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+			{ apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; \
+	elif [ -n "$$missing" ]; then echo "not installed:$$missing; builds needing them fail"; fi
+	$(PY) scripts/check_android.py --python $(ANDROID_PYTHON)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -6,6 +6,10 @@
 - ``training``: training jobs, stages and their driver.
 """
 
+# First: libp2p cannot be imported on Android until this has run (see _resolver).
+from . import _resolver  # noqa: F401
+
+# isort: split
 from ._errors import AuthError as AuthError
 from ._errors import ListenAddressError as ListenAddressError
 from ._errors import MeshError as MeshError

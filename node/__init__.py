@@ -5,6 +5,10 @@ node = connect()
 outputs = node.infer("minilm", {"input_ids": ..., "attention_mask": ..., "token_type_ids": ...})
 """
 
+# First: libp2p cannot be imported on Android until this has run (see mesh/_resolver).
+from ..mesh import _resolver  # noqa: F401
+
+# isort: split
 from ._client import AsyncClient as AsyncClient
 from ._client import AsyncGenerationStream as AsyncGenerationStream
 from ._client import Client as Client
