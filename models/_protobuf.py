@@ -31,10 +31,16 @@ def _varint(data: memoryview, position: int) -> tuple[int, int]:
 
 def fields(data: memoryview) -> Iterator[Field]:
     """Each field of one encoded message, in order: numbers for varints, views for
-    length-delimited fields; fixed-size fields are skipped."""
+    length-delimited fields; fixed-size fields are skipped.
+
+    Protobuf parsers cut a tag to 32 bits, so a tag with higher bits set names a field
+    other than the one it seems to: such tags are refused rather than guessed at.
+    """
     position = 0
     while position < len(data):
         key, position = _varint(data, position)
+        if key >> 32 or key >> 3 == 0:
+            raise InvalidModelError(f"a field tag at byte {position} is out of range ({key})")
         number, kind = key >> 3, key & 7
         if kind == VARINT:
             value, position = _varint(data, position)
@@ -76,11 +82,12 @@ def text(data: memoryview, number: int) -> str | None:
 
 
 def integer(data: memoryview, number: int) -> int | None:
-    """The last value of varint field ``number``."""
+    """The last value of varint field ``number``, as protobuf reads an int32 or enum:
+    only its low 32 bits count."""
     found = None
     for value_number, value in fields(data):
         if value_number == number:
             if not isinstance(value, int):
                 raise InvalidModelError(f"field {number} is bytes where a number belongs")
-            found = value
+            found = value & 0xFFFFFFFF
     return found

@@ -19,9 +19,10 @@ SIDE_FILES = (CARD_FILE, TOKENIZER_FILE)
 _MAX_TOKENIZER = 64 << 20  # large vocabularies (Llama 3, Qwen) take 10-20 MB
 
 # Field numbers of the messages read here, from onnx.proto.
-_MODEL_GRAPH, _MODEL_OPSETS, _MODEL_FUNCTIONS = 7, 8, 25
+_MODEL_GRAPH, _MODEL_OPSETS, _MODEL_TRAINING_INFO, _MODEL_FUNCTIONS = 7, 8, 20, 25
+_TRAINING_GRAPHS = (1, 2)  # TrainingInfoProto.initialization, .algorithm
 _GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_OUTPUTS, _GRAPH_SPARSE_INITIALIZERS = 1, 5, 12, 15
-_FUNCTION_NODES = 7
+_FUNCTION_NODES, _FUNCTION_ATTRIBUTE_DEFAULTS = 7, 11
 _NODE_ATTRIBUTES = 5
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
 _ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
@@ -44,15 +45,19 @@ def _sparse_tensors(sparse: memoryview) -> Iterator[memoryview]:
             yield _message(number, value)
 
 
+def _attribute_tensors(attribute: memoryview, depth: int) -> Iterator[memoryview]:
+    for number, value in pb.fields(attribute):
+        if number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+            yield _message(number, value)
+        elif number in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
+            yield from _sparse_tensors(_message(number, value))
+        elif number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+            yield from _graph_tensors(_message(number, value), depth + 1)
+
+
 def _node_tensors(node: memoryview, depth: int) -> Iterator[memoryview]:
     for attribute in pb.messages(node, _NODE_ATTRIBUTES):
-        for number, value in pb.fields(attribute):
-            if number in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
-                yield _message(number, value)
-            elif number in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
-                yield from _sparse_tensors(_message(number, value))
-            elif number in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
-                yield from _graph_tensors(_message(number, value), depth + 1)
+        yield from _attribute_tensors(attribute, depth)
 
 
 def _graph_tensors(graph: memoryview, depth: int) -> Iterator[memoryview]:
@@ -68,18 +73,23 @@ def _graph_tensors(graph: memoryview, depth: int) -> Iterator[memoryview]:
             yield from _node_tensors(_message(number, value), depth)
 
 
-def _external_location(tensor: memoryview) -> str | None:
-    """Where the tensor keeps its bytes, if it keeps them outside the model file."""
-    if pb.integer(tensor, _TENSOR_DATA_LOCATION) != _EXTERNAL:
-        return None
-    location = None
-    for entry in pb.messages(tensor, _TENSOR_EXTERNAL_DATA):
-        if pb.text(entry, _ENTRY_KEY) == "location":
-            location = pb.text(entry, _ENTRY_VALUE)
-    if not location:
+def _external_locations(tensor: memoryview) -> list[str]:
+    """Every place the tensor names for its bytes outside the model file.
+
+    Fails closed: every ``location`` entry counts, whatever ``data_location`` says (a
+    parser might merge a repeated tensor, or read the enum otherwise), and a tensor
+    marked external must name one.
+    """
+    locations = [
+        pb.text(entry, _ENTRY_VALUE) or ""
+        for entry in pb.messages(tensor, _TENSOR_EXTERNAL_DATA)
+        if pb.text(entry, _ENTRY_KEY) == "location"
+    ]
+    marked = (pb.integer(tensor, _TENSOR_DATA_LOCATION) or 0) != 0
+    if (marked and not locations) or "" in locations:
         name = pb.text(tensor, _TENSOR_NAME)
         raise InvalidModelError(f"tensor {name!r} keeps external data but names no location")
-    return location
+    return locations
 
 
 def _external_data_files(model: memoryview, path: Path) -> list[Path]:
@@ -87,15 +97,16 @@ def _external_data_files(model: memoryview, path: Path) -> list[Path]:
     root = path.parent.resolve()
     files: set[Path] = set()
     graphs = [_message(n, v) for n, v in pb.fields(model) if n == _MODEL_GRAPH]
+    for info in pb.messages(model, _MODEL_TRAINING_INFO):
+        graphs += [_message(n, v) for n, v in pb.fields(info) if n in _TRAINING_GRAPHS]
     functions = [_message(n, v) for n, v in pb.fields(model) if n == _MODEL_FUNCTIONS]
     tensors = [t for graph in graphs for t in _graph_tensors(graph, 0)]
     for function in functions:
         for node in pb.messages(function, _FUNCTION_NODES):
             tensors.extend(_node_tensors(node, 0))
-    for tensor in tensors:
-        location = _external_location(tensor)
-        if location is None:
-            continue
+        for default in pb.messages(function, _FUNCTION_ATTRIBUTE_DEFAULTS):
+            tensors.extend(_attribute_tensors(default, 0))
+    for tensor, location in ((t, loc) for t in tensors for loc in _external_locations(t)):
         name = pb.text(tensor, _TENSOR_NAME)
         target = (root / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(root):

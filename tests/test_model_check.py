@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import minilm_path
 from hypothesis import HealthCheck, given, settings
@@ -151,3 +152,112 @@ def test_damaged_files_are_refused_as_invalid_models_and_nothing_else(
         check_model_file(path)
     except InvalidModelError:
         pass
+
+
+# ---- encodings a protobuf parser reads otherwise than they look ----------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int, *, key: int | None = None) -> bytes:
+    tag = _varint(
+        key if key is not None else number << 3 | (2 if isinstance(payload, bytes) else 0)
+    )
+    if isinstance(payload, bytes):
+        return tag + _varint(len(payload)) + payload
+    return tag + _varint(payload)
+
+
+def _hidden(location: str = "hidden.bin") -> onnx.TensorProto:
+    """A 4-byte uint8 tensor kept in ``location``, with no data_location field yet."""
+    tensor = onnx.TensorProto(name="w", data_type=TensorProto.UINT8, dims=[4])
+    for key, value in (("location", location), ("length", "4")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _adds_initializer(tensor_bytes: bytes) -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    graph_bytes = model.graph.SerializeToString() + _field(5, tensor_bytes)
+    model.ClearField("graph")
+    return model.SerializeToString() + _field(7, graph_bytes)
+
+
+def data_location_wider_than_an_enum() -> bytes:
+    """data_location = 1 + 2**32: protobuf keeps the low 32 bits, EXTERNAL."""
+    return _adds_initializer(_hidden().SerializeToString() + _field(14, 1 + 2**32))
+
+
+def no_data_location_at_all() -> bytes:
+    return _adds_initializer(_hidden().SerializeToString())
+
+
+def a_tag_with_bits_above_32() -> bytes:
+    """data_location's tag with a 33rd bit: protobuf cuts tags to 32 bits."""
+    return _adds_initializer(_hidden().SerializeToString() + _field(0, 1, key=1 << 32 | 14 << 3))
+
+
+def a_function_attributes_default() -> bytes:
+    """A Constant in a local function whose tensor is the function attribute's default."""
+    hidden = _hidden("hidden.bin")
+    hidden.data_location = TensorProto.EXTERNAL
+    function = onnx.FunctionProto(name="F", domain="custom", input=["x"], output=["y"])
+    function.opset_import.extend([helper.make_opsetid("", 17)])
+    constant = helper.make_node("Constant", [], ["c"])
+    reference = constant.attribute.add()
+    reference.name, reference.ref_attr_name, reference.type = (
+        "value",
+        "val",
+        onnx.AttributeProto.TENSOR,
+    )
+    function.node.extend([constant, helper.make_node("Add", ["x", "c"], ["y"])])
+    default = function.attribute_proto.add()
+    default.name, default.type = "val", onnx.AttributeProto.TENSOR
+    default.t.CopyFrom(hidden)
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [4])
+    graph = helper.make_graph([helper.make_node("F", ["x"], ["y"], domain="custom")], "g", [x], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=[function])
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        data_location_wider_than_an_enum,
+        no_data_location_at_all,
+        a_tag_with_bits_above_32,
+        a_function_attributes_default,
+    ],
+)
+def test_every_file_onnxruntime_reads_is_one_the_check_names_or_it_refuses(
+    tmp_path: Path, build
+) -> None:
+    """The check's list of external files is what the store copies and a node trusts;
+    onnxruntime must never read bytes from a file missing from it."""
+    (tmp_path / "hidden.bin").write_bytes(b"HIDN")
+    path = tmp_path / "model.onnx"
+    path.write_bytes(build())
+    try:
+        named = check_model_file(path)
+    except InvalidModelError:
+        return  # refused: nothing reaches onnxruntime
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        output = session.run(None, {"x": np.zeros(4, np.uint8)})[0]
+    except Exception:  # onnxruntime refuses it too: it read nothing
+        return
+    if output.tobytes() == b"HIDN":
+        assert tmp_path / "hidden.bin" in named
