@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if sys.version_info < (3, 11):  # pragma: no cover - trio installs the backport there
@@ -121,8 +122,12 @@ def node_start(
         int, typer.Option(help="Memory for generation sessions' key/value caches.")
     ] = 1024,
     only_while_charging: Annotated[
-        bool, typer.Option(help="Take work only while the battery charges.")
-    ] = False,
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--only-while-charging/--on-battery-too",
+            help="Take work only while the battery charges [default: config.toml, else no].",
+        ),
+    ] = None,
     min_battery: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="Take no work below this battery percentage, unless charging."),
@@ -479,7 +484,7 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
         table.add_row(
             peer["short_id"] + (" (this)" if peer["self"] else "") + incompatible,
             peer["name"],
-            "yes" if capacity["available"] else f"[yellow]no: {capacity['unavailable_reason']}[/]",
+            _works_cell(peer),
             "\n".join(a.split("/p2p/")[0] for a in peer["addrs"]),
             f"{capacity['physical_cores'] or '?'}/{capacity['logical_cores'] or '?'}",
             _human_bytes(capacity["memory_available"]),
@@ -492,6 +497,18 @@ def _peers_table(peers: list[dict[str, Any]]) -> Table:
             "now" if peer["self"] else _ago(peer["last_seen_s"]),
         )
     return table
+
+
+def _works_cell(peer: dict[str, Any]) -> str:
+    """Whether the member takes work; its reason is another member's text, so it is
+    printed as text, never read as markup or terminal codes."""
+    capacity = peer["capacity"]
+    if not peer["compatible"]:
+        return "?"
+    if capacity["available"]:
+        return "yes"
+    reason = "".join(c if c.isprintable() else "?" for c in str(capacity["unavailable_reason"]))
+    return f"[yellow]no: {escape(reason)}[/]"
 
 
 def _battery_cell(capacity: dict[str, Any]) -> str:

@@ -117,8 +117,8 @@ def policy_from(
     settings: dict[str, Any], flags: dict[str, Any] | None = None
 ) -> runtime.Policy:
     """The owner's policy: ``[policy]`` settings, each overridden by its flag if given
-    (a flag left at None or False was not given)."""
-    given = {**settings, **{k: v for k, v in (flags or {}).items() if v not in (None, False)}}
+    (None: not given)."""
+    given = {**settings, **{k: v for k, v in (flags or {}).items() if v is not None}}
     try:
         hours = given.pop("quiet_hours", None)
         quiet = None if hours is None else runtime.parse_quiet_hours(hours)

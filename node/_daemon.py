@@ -180,7 +180,7 @@ async def run_node(
         capacity["unavailable_reason"] = held_back
         return LocalState(capacity, sorted(fragments), serving, undeployed)
 
-    compute = compute_limiter(config.policy.duty_cycle)
+    compute = compute_limiter(config.policy.duty_cycle(os.cpu_count(), config.threads))
     # Frames from peers held at once (inference and training alike), and one peer's share.
     budget = FrameBudget(
         INBOUND_FRAMES * config.max_tensor_bytes, PEER_FRAMES * config.max_tensor_bytes

@@ -27,8 +27,15 @@ class PolicyWatch:
 
     def reason(self) -> str | None:
         """Why the policy holds the node back now (None: it may work). Cheap: the battery
-        reading is the watch's last one."""
-        return runtime.refusal(self.policy, self._battery.read(), datetime.now().time())
+        reading is the watch's last one. Battery rules and a battery that cannot be read
+        hold the node back: the owner asked for them."""
+        try:
+            battery = self._battery.read()
+        except Exception as exc:
+            if self.policy.watches_battery:
+                return f"battery unreadable ({exc})"[:160]
+            battery = None
+        return runtime.refusal(self.policy, battery, datetime.now().time())
 
     async def run(self, on_change: Callable[[], None]) -> None:
         """Re-take the verdict forever; call ``on_change`` (re-advertise) when it flips."""
@@ -42,6 +49,9 @@ class PolicyWatch:
                 on_change()
 
 
+MAX_REST_S = 5.0  # a long run (a warm-up, a split) must not hold frames past their timeout
+
+
 def compute_limiter(share: float) -> trio.CapacityLimiter:
     """One model run at a time (each uses every thread it has); under a CPU cap, also a
     rest after each run so that under load the node computes ``share`` of the time."""
@@ -53,7 +63,8 @@ def compute_limiter(share: float) -> trio.CapacityLimiter:
 
 
 class DutyCycle:
-    """A one-at-a-time limiter that rests ``busy * (1 / share - 1)`` after each run."""
+    """A one-at-a-time limiter that rests ``busy * (1 / share - 1)`` after each run, at
+    most MAX_REST_S."""
 
     def __init__(self, share: float) -> None:
         self._share = share
@@ -72,5 +83,5 @@ class DutyCycle:
 
     def release_on_behalf_of(self, borrower: object) -> None:
         busy = trio.current_time() - self._started.pop(borrower)
-        self._ready_at = trio.current_time() + busy * (1 / self._share - 1)
+        self._ready_at = trio.current_time() + min(busy * (1 / self._share - 1), MAX_REST_S)
         self._limiter.release_on_behalf_of(borrower)

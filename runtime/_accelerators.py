@@ -47,7 +47,19 @@ class Accelerator:
     memory_free: int | None
 
     def to_dict(self) -> dict[str, str | int | None]:
-        return asdict(self)
+        """Within what an advert admits: a driver's odd numbers or long names must not
+        make every peer refuse this node's advert."""
+
+        def bytes_or_none(value: int | None) -> int | None:
+            return None if value is None else min(max(value, 0), 1 << 50)
+
+        return {
+            **asdict(self),
+            "provider": self.provider[:64],
+            "name": self.name[:128],
+            "memory_total": bytes_or_none(self.memory_total),
+            "memory_free": bytes_or_none(self.memory_free),
+        }
 
 
 class _NvmlMemory(ctypes.Structure):

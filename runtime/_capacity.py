@@ -19,6 +19,7 @@ from ._providers import Hardware, probe_hardware
 from ._throughput import Throughput
 
 T = TypeVar("T")
+MAX_ACCELERATORS = 16  # what an advert admits
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Capacity:
         """Plain lists, dicts, str, int, float, bool and None: an advert's msgpack."""
         data = asdict(self)
         data["providers"] = list(self.providers)
-        data["accelerators"] = [a.to_dict() for a in self.accelerators]
+        data["accelerators"] = [a.to_dict() for a in self.accelerators[:MAX_ACCELERATORS]]
         return data
 
 

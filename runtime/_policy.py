@@ -61,10 +61,23 @@ class Policy:
             return None
         return max(1, math.floor(cores * self.max_cpu_percent / 100))
 
+    def duty_cycle(self, cores: int | None, threads: int | None) -> float:
+        """The share of wall time the node may compute while work queues (1: always),
+        so that ``threads`` busy threads use the CPU share of ``cores``."""
+        if self.max_cpu_percent is None:
+            return 1.0
+        if cores is None or threads is None:
+            return self.max_cpu_percent / 100
+        return min(1.0, cores * self.max_cpu_percent / 100 / threads)
+
     @property
-    def duty_cycle(self) -> float:
-        """The share of wall time the node may compute while work queues (1: always)."""
-        return 1.0 if self.max_cpu_percent is None else self.max_cpu_percent / 100
+    def watches_battery(self) -> bool:
+        """Whether a rule reads the battery."""
+        return (
+            self.only_while_charging
+            or self.min_battery_percent is not None
+            or self.max_battery_temperature is not None
+        )
 
 
 def _quiet(hours: tuple[time, time], now: time) -> bool:
@@ -75,7 +88,8 @@ def _quiet(hours: tuple[time, time], now: time) -> bool:
 def refusal(policy: Policy, battery: BatteryState | None, now: time) -> str | None:
     """Why the policy keeps the device from new work now, or None when it may work.
 
-    An unknown battery (a desktop has none; a reading that failed) holds nothing back.
+    The reason names the rule, not the reading (the reading is advertised beside it),
+    so it changes only when the verdict does. No battery (a desktop) holds nothing back.
     """
     if policy.quiet_hours is not None and _quiet(policy.quiet_hours, now):
         start, end = policy.quiet_hours
@@ -86,8 +100,8 @@ def refusal(policy: Policy, battery: BatteryState | None, now: time) -> str | No
         return "on battery: the owner lends it only while charging"
     minimum = policy.min_battery_percent
     if minimum is not None and not battery.charging and battery.percent < minimum:
-        return f"battery at {battery.percent:g}%, below the owner's {minimum:g}%"
+        return f"battery below the owner's {minimum:g}%"
     hottest = policy.max_battery_temperature
     if hottest is not None and battery.temperature is not None and battery.temperature > hottest:
-        return f"battery at {battery.temperature:g} °C, above the owner's {hottest:g} °C"
+        return f"battery hotter than the owner's {hottest:g} °C"
     return None

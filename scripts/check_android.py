@@ -49,6 +49,10 @@ else:
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "scripts" / "termux-constraints.txt"
+# Packages whose build needs other pins than the rest: coincurve 21's build hook fails on
+# cffi 2's license layout, while pynacl's needs cffi 2. install-termux.sh installs these
+# first, each with its own file.
+OWN_CONSTRAINTS = {"coincurve": ROOT / "scripts" / "termux-constraints-coincurve.txt"}
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "salala-android"
 PYTHON_VERSION = "3.14"  # Termux's Python
 # Termux is built for API level 24; its pip also takes wheels for older levels.
@@ -65,8 +69,6 @@ TERMUX_PACKAGES = {
     "tokenizers": "python-tokenizers",
     "pydantic-core": "python-pydantic-core",  # typer needs pydantic; its core is Rust
 }
-# Not installed on phones: onnx is only for splitting and importing models (issue 12).
-NOT_ON_PHONES = {"onnx"}
 # Markers as Termux's Python evaluates them.
 ANDROID: dict[str, str] = {
     "platform_release": "",
@@ -115,11 +117,14 @@ class Row:
 
 
 def pip(
-    args: list[str], python: str = sys.executable, env: dict[str, str] | None = None
+    args: list[str],
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+    constraints: Path = CONSTRAINTS,
 ) -> subprocess.CompletedProcess[str]:
     """pip with the Termux constraints, which also bind the build requirements it installs."""
     command = [python, "-m", "pip", "--disable-pip-version-check", *args]
-    env = {**os.environ, **(env or {}), "PIP_CONSTRAINT": str(CONSTRAINTS)}
+    env = {**os.environ, **(env or {}), "PIP_CONSTRAINT": str(constraints)}
     try:
         return subprocess.run(
             command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, env=env
@@ -152,7 +157,7 @@ def download(
     done = pip(
         ["download", "--no-deps", *kinds, f"--python-version={PYTHON_VERSION}",
          "-d", str(dest), str(requirement)],
-        python, env,
+        python, env, OWN_CONSTRAINTS.get(canonicalize_name(requirement.name), CONSTRAINTS),
     )  # fmt: skip
     if done.returncode == 0:
         return saved_file(done.stdout), ""
@@ -216,11 +221,13 @@ def build(name: str, version: str, sdist: Path, python: str, env: dict[str, str]
     if list(out.glob("*.whl")):
         return "ok (cached)"
     out.mkdir(parents=True, exist_ok=True)
-    done = pip(["wheel", "--no-deps", "-w", str(out), str(sdist)], python, env)
+    constraints = OWN_CONSTRAINTS.get(name, CONSTRAINTS)
+    done = pip(["wheel", "--no-deps", "-w", str(out), str(sdist)], python, env, constraints)
     (out / "build.log").write_text(done.stdout + done.stderr)
     if done.returncode == 0:
         return "ok"
-    return f"failed: {reason(done.stdout + done.stderr)} (log: {out}/build.log)"
+    why = reason(done.stdout + done.stderr)
+    return why if why.startswith(UNVERIFIED) else f"failed: {why} (log: {out}/build.log)"
 
 
 def compiled(wheel: Path) -> bool:
@@ -259,8 +266,6 @@ def check(python: str) -> tuple[list[Row], dict[str, str]]:
             if name in TERMUX_PACKAGES:
                 row.android_wheel = f"termux pkg ({TERMUX_PACKAGES[name]})"
                 row.version = str(requirement.specifier)
-            elif name in NOT_ON_PHONES:
-                row.android_wheel = "skipped: not on phones"
             else:
                 level.append((requirement, row))
         queue = []

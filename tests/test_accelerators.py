@@ -220,3 +220,15 @@ def test_this_machine_offers_cpu_alone_whichever_wheel_is_installed(
     assert runtime.find_accelerators() == ()
     capacity = runtime.probe_capacity()
     assert capacity.providers == (OPENVINO, XNNPACK, CPU) and capacity.accelerators == ()
+
+
+def test_a_drivers_odd_numbers_still_fit_the_advert() -> None:
+    """More used than total, huge totals, long names: the node's own advert must stay
+    one that every peer admits."""
+    from salala.mesh.membership._adverts import ACCELERATOR
+
+    odd = Accelerator("ROCMExecutionProvider", "x" * 300, 1 << 60, -(1 << 20))
+    sent = odd.to_dict()
+    ACCELERATOR(sent, "accelerator")  # raises if a peer would refuse it
+    assert sent["memory_free"] == 0 and sent["memory_total"] == 1 << 50
+    assert len(sent["name"]) == 128

@@ -68,10 +68,11 @@ def test_the_owners_policy_comes_from_its_table_and_flags_override_it(data_dir: 
     policy = policy_from(settings)
     assert policy.only_while_charging and policy.min_battery_percent == 30
     assert policy.quiet_hours == (time(22, 0), time(7, 30))
-    assert policy.threads(8) == 4 and policy.duty_cycle == 0.5 and policy.max_memory_mb == 2048
-    flags = {"min_battery_percent": 50, "max_cpu_percent": None}  # None: flag not given
-    overridden = policy_from(settings, flags)
-    assert overridden.min_battery_percent == 50 and overridden.max_cpu_percent == 50
+    assert policy.threads(8) == 4 and policy.max_memory_mb == 2048
+    flags = {"min_battery_percent": 0, "max_cpu_percent": None, "only_while_charging": False}
+    overridden = policy_from(settings, flags)  # None: not given; 0 and False: given
+    assert overridden.min_battery_percent == 0 and overridden.max_cpu_percent == 50
+    assert overridden.only_while_charging is False
 
 
 def test_a_node_without_a_key_starts_its_own_mesh_and_keeps_it(data_dir: DataDir) -> None:

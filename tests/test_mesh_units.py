@@ -1,6 +1,7 @@
 """The mesh's pure parts: keys, invites, adverts, membership, interface choice."""
 
 import dataclasses
+import math
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -98,6 +99,18 @@ def test_signed_adverts_survive_the_wire() -> None:
         (lambda w: w.update(seq="1"), "'seq' has the wrong type"),
         (lambda w: w.update(seq=True), "'seq' has the wrong type"),
         (lambda w: w["capacity"].update(gflops="fast"), "capacity.gflops"),
+        (lambda w: w["capacity"].update(battery_temperature=math.nan), "battery_temperature"),
+        (lambda w: w["capacity"].update(battery_temperature=True), "battery_temperature"),
+        (lambda w: w["capacity"].update(unavailable_reason="x" * 161), "unavailable_reason"),
+        (lambda w: w["capacity"].update(available="no"), "capacity.available"),
+        (
+            lambda w: w["capacity"].update(
+                accelerators=[
+                    {"provider": "CUDA", "name": "g", "memory_total": -1, "memory_free": 0}
+                ]
+            ),
+            "accelerators",
+        ),
         (lambda w: w.update(addrs=["x"] * 17), "at most 16"),
         (lambda w: w.update(addrs=["/ip4/6.6.6.6/tcp/1"]), "needs a /p2p/"),
         (lambda w: w.update(peer_id="not-a-peer-id"), "not a peer id"),

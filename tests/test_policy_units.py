@@ -28,14 +28,14 @@ def test_only_while_charging() -> None:
 
 def test_a_minimum_battery_holds_unless_charging() -> None:
     policy = Policy(min_battery_percent=60)
-    assert refusal(policy, ON_BATTERY, NOON) == "battery at 50%, below the owner's 60%"
+    assert refusal(policy, ON_BATTERY, NOON) == "battery below the owner's 60%"
     assert refusal(policy, CHARGING, NOON) is None
     assert refusal(Policy(min_battery_percent=50), ON_BATTERY, NOON) is None
 
 
 def test_a_hot_battery_holds_even_while_charging() -> None:
     policy = Policy(max_battery_temperature=29.5)
-    assert refusal(policy, CHARGING, NOON) == "battery at 30 °C, above the owner's 29.5 °C"
+    assert refusal(policy, CHARGING, NOON) == "battery hotter than the owner's 29.5 °C"
     assert refusal(Policy(max_battery_temperature=30), CHARGING, NOON) is None
     assert refusal(policy, BatteryState(50.0, True, None), NOON) is None  # no thermal signal
 
@@ -64,11 +64,15 @@ def test_quiet_hours_that_mean_nothing_are_refused(text: str) -> None:
         parse_quiet_hours(text)
 
 
-def test_the_cpu_cap_sets_threads_from_the_cores() -> None:
-    assert Policy().threads(8) is None
-    assert Policy(max_cpu_percent=50).threads(8) == 4
-    assert Policy(max_cpu_percent=10).threads(4) == 1  # never zero
-    assert Policy(max_cpu_percent=50).threads(None) is None  # cores unknown: default
+def test_the_cpu_cap_sets_threads_and_the_duty_cycle_makes_up_the_rest() -> None:
+    assert Policy().threads(8) is None and Policy().duty_cycle(8, 8) == 1.0
+    half = Policy(max_cpu_percent=50)
+    assert half.threads(8) == 4 and half.duty_cycle(8, 4) == 1.0  # 4 of 8 cores: enough
+    tenth = Policy(max_cpu_percent=10)
+    assert tenth.threads(4) == 1  # never zero threads...
+    assert tenth.duty_cycle(4, 1) == pytest.approx(0.4)  # ...so 1 thread computes 40 %
+    assert half.duty_cycle(2, 2) == 0.5  # --threads 2 given on 2 cores: half the time
+    assert half.threads(None) is None  # cores unknown: onnxruntime's default
 
 
 async def test_under_a_half_share_the_duty_cycle_rests_as_long_as_each_run(
@@ -104,3 +108,31 @@ async def test_a_run_cancelled_while_resting_frees_its_slot(
     begin = trio.current_time()
     await duty.acquire_on_behalf_of("next")  # not blocked by the cancelled one
     assert trio.current_time() - begin == pytest.approx(0.5)
+
+
+def test_a_members_reason_is_shown_as_text_never_as_markup_or_terminal_codes() -> None:
+    """The reason comes from another member's advert: `mesh peers` must print it, not
+    crash on it (rich markup) or pass it to the terminal (escape sequences)."""
+    from rich.console import Console
+    from salala.mesh.membership._adverts import unknown_capacity
+    from salala.node._cli import _peers_table
+
+    hostile = "[/][/] \x1b]0;owned\x07 [red]x"
+    capacity = {**unknown_capacity(), "available": False, "unavailable_reason": hostile}
+    row = {
+        "short_id": "abc",
+        "self": False,
+        "compatible": True,
+        "protocol": 4,
+        "name": "phone",
+        "addrs": [],
+        "capacity": capacity,
+        "rtt_ms": None,
+        "link": None,
+        "last_seen_s": 1.0,
+    }
+    console = Console(record=True, width=400, color_system=None)
+    console.print(_peers_table([row]))
+    shown = console.export_text()
+    assert "no: [/][/] ?]0;owned? [red]x" in shown
+    assert "\x1b" not in shown and "\x07" not in shown

@@ -285,8 +285,10 @@ class Deployer:
             and m.advert.compatible
             and m.advert.peer_id not in avoid
         ]
-        # A member its owner holds back still lends its copy of the fragment, not compute.
-        sources = [m.advert.peer_id for m in live if entry.fragment in m.advert.fragments]
+        # A member its owner holds back lends its copy of the fragment only as a last
+        # resort (an unplugged phone should not upload on battery), and no compute.
+        holders = [m.advert.peer_id for m in live if entry.fragment in m.advert.fragments]
+        sources = sorted(holders, key=lambda p: self.mesh.unavailable_reason(p) is not None)
         if not sources:
             raise DeployError(f"no live peer holds fragment {entry.fragment[:12]}")
         workers = [m for m in live if self.mesh.unavailable_reason(m.advert.peer_id) is None]

@@ -183,13 +183,13 @@ class Router:
                 deadline = trio.current_time() + ROUTE_WAIT_S  # its advert is on the way
 
     def _held_back(self, entry: "ServingEntry | None", deployment: Deployment) -> bool:
-        """Whether every host of the stage is live but kept from work by its owner's
-        policy: waiting for them would not help, so the stage moves at once."""
+        """Whether a host of a stage no host can take is live but kept from work by its
+        owner's policy: waiting for it would not help, so the stage moves at once."""
         if entry is None:
             return False
-        hosts = deployment.hosts[entry.stage]
-        return bool(hosts) and all(
-            self.mesh.is_live(p) and self.mesh.unavailable_reason(p) is not None for p in hosts
+        return any(
+            self.mesh.is_live(p) and self.mesh.unavailable_reason(p) is not None
+            for p in deployment.hosts[entry.stage]
         )
 
     def _preference(self, peer_id: str) -> tuple[int, float]:

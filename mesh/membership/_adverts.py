@@ -108,6 +108,7 @@ ACCELERATOR = record(
 )
 # Why the owner's policy keeps the member from taking work ("unplugged", "quiet hours").
 UNAVAILABLE_REASON = nullable(text(160))
+BATTERY_TEMPERATURE = nullable(number(-50.0, 150.0))  # °C; no NaN
 _CAPACITY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "platform": str,
     "logical_cores": (int, type(None)),
@@ -219,6 +220,7 @@ def _capacity(value: Any) -> dict[str, Any]:
     if not all(isinstance(p, str) for p in value["providers"]):
         raise WireError("advert capacity.providers must be strings")
     array(ACCELERATOR, MAX_ACCELERATORS)(value["accelerators"], "capacity.accelerators")
+    BATTERY_TEMPERATURE(value["battery_temperature"], "capacity.battery_temperature")
     UNAVAILABLE_REASON(value["unavailable_reason"], "capacity.unavailable_reason")
     return value
 

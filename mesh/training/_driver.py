@@ -318,7 +318,8 @@ class _Run:
                     )
                 left[header["kind"]] -= 1
                 got.append((header, tensors))
-            gone = [p for p in peers if not self.driver.mesh.is_live(p)]
+            # A peer gone, or held back by its owner's policy: its stages move.
+            gone = [p for p in peers if not self.driver.mesh.takes_work(p)]
             if gone:
                 raise StageLost(gone[0])
         return got
