@@ -30,7 +30,7 @@ from ..mesh import (
     short_id,
 )
 from ._backend import NodeBackend
-from ._battery import BatteryWatch, watching
+from ._battery import BatteryWatch
 from ._errors import NodeAlreadyRunningError
 from ._http import HttpSettings, serve_http
 from ._identity import load_or_create_identity
@@ -38,10 +38,13 @@ from ._paths import DataDir
 from ._policy import PolicyWatch, compute_limiter
 from ._server import serve_api
 from ._service import NodeService
+from ._slow_reading import SlowReading, refreshing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/0"
+HARDWARE_REFRESH_S = 30.0  # accelerators and their free memory, for placement
+HARDWARE_TIMEOUT_S = 10.0  # NVML's first initialisation can take seconds
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 INBOUND_FRAMES = 4
 PEER_FRAMES = 2
@@ -159,7 +162,13 @@ async def run_node(
     _return_freed_memory()
 
     started: list[Inference] = []  # filled once the mesh is up; adverts read it
-    battery = BatteryWatch()  # read off the event loop; adverts read its last value
+    # Read off the event loop (a battery service, a GPU driver); adverts read the last.
+    battery = BatteryWatch()
+    hardware = SlowReading(runtime.probe_hardware, HARDWARE_REFRESH_S, HARDWARE_TIMEOUT_S)
+
+    def capacity_now() -> runtime.Capacity:
+        return runtime.probe_capacity(throughput, battery, hardware.value)
+
     policy = PolicyWatch(config.policy, battery)
 
     def local_state() -> LocalState:
@@ -167,7 +176,7 @@ async def run_node(
         serving = server.serving() if server else []
         fragments = {*models.held_fragments(store), *(server.hosted_fragments() if server else [])}
         undeployed = started[0].undeployer.markers() if started else []
-        capacity = runtime.probe_capacity(throughput, battery).to_dict()
+        capacity = capacity_now().to_dict()
         # The planner sees what this node lends, not what is free.
         if server is not None:
             capacity["memory_available"] = server.memory_free()
@@ -195,7 +204,7 @@ async def run_node(
         link_dir=data_dir.links if config.direct_links else None,
     )
     async with (
-        watching(battery),
+        refreshing(battery.reading, hardware),
         open_mesh(key_pair, mesh_config, local_state) as mesh,
         open_inference(
             mesh,
@@ -228,8 +237,7 @@ async def run_node(
             mesh=mesh,
             inference=inference,
             training=training,
-            throughput=throughput,
-            battery=battery,
+            capacity=capacity_now,
             threads=config.threads,
             compute=compute,
             max_tensor_bytes=config.max_tensor_bytes,

@@ -138,8 +138,7 @@ class NodeService:
         mesh: Mesh,
         inference: Inference,
         training: Training,
-        throughput: runtime.Throughput,
-        battery: runtime.BatterySource,
+        capacity: Callable[[], runtime.Capacity],
         threads: int | None,
         compute: trio.CapacityLimiter,
         max_tensor_bytes: int,
@@ -150,8 +149,7 @@ class NodeService:
         self.inference = inference
         self.training = training
         self.max_tensor_bytes = max_tensor_bytes
-        self.throughput = throughput
-        self.battery = battery
+        self._capacity = capacity  # this device now, from readings taken off the loop
         self.threads = threads
         self.shutdown_requested = trio.Event()
         self.stop_after_reply = False
@@ -194,7 +192,7 @@ class NodeService:
             "data_dir": str(self.data_dir.root),
             "uptime_s": round(trio.current_time() - self._started, 3),
             "capacity": {
-                **runtime.probe_capacity(self.throughput, self.battery).to_dict(),
+                **self._capacity().to_dict(),
                 **{  # the owner's verdict, as this node advertises it
                     key: self.mesh.membership.own.capacity[key]
                     for key in ("available", "unavailable_reason")

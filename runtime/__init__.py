@@ -17,8 +17,10 @@ from ._policy import Policy as Policy
 from ._policy import PolicyError as PolicyError
 from ._policy import parse_quiet_hours as parse_quiet_hours
 from ._policy import refusal as refusal
+from ._providers import Hardware as Hardware
 from ._providers import available_providers as available_providers
 from ._providers import find_accelerators as find_accelerators
+from ._providers import probe_hardware as probe_hardware
 from ._session import ModelSession as ModelSession
 from ._session import TensorSpec as TensorSpec
 from ._throughput import Throughput as Throughput

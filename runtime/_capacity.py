@@ -66,13 +66,16 @@ def _load_1m() -> float:
 
 
 def probe_capacity(
-    throughput: Throughput | None = None, battery: BatterySource | None = None
+    throughput: Throughput | None = None,
+    battery: BatterySource | None = None,
+    hardware: Hardware | None = None,
 ) -> Capacity:
-    """Read the device now. ``throughput`` comes from :func:`cached_throughput`."""
+    """Read the device now. ``throughput`` comes from :func:`cached_throughput`;
+    ``battery`` and ``hardware`` may be readings taken earlier (both can be slow)."""
     source = battery or default_battery_source()
     state: BatteryState | None = _read(source.read)
     memory = _read(psutil.virtual_memory)
-    hardware = _read(probe_hardware) or Hardware(("CPUExecutionProvider",), ())
+    hardware = hardware or _read(probe_hardware) or Hardware(("CPUExecutionProvider",), ())
     return Capacity(
         platform=sys.platform,
         logical_cores=_read(lambda: psutil.cpu_count(logical=True)),

@@ -165,6 +165,8 @@ SURFACES = {
         "ModelSession",
         "TensorSpec",
         "Capacity",
+        "Hardware",
+        "probe_hardware",
         "Policy",
         "PolicyError",
         "parse_quiet_hours",

@@ -256,3 +256,15 @@ def test_capacity_lists_accelerators_as_plain_data_for_the_advert() -> None:
     wire = msgpack.packb(data, use_bin_type=True)
     assert msgpack.unpackb(wire, raw=False) == data
     assert runtime.probe_capacity().to_dict()["accelerators"] == []  # none on this machine
+
+
+def test_capacity_takes_a_hardware_reading_made_earlier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node probes accelerators in a worker thread (NVML can take seconds) and hands
+    the last reading in: probing capacity on the event loop then never touches a driver."""
+
+    def no_driver_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("probed the hardware again")
+
+    monkeypatch.setattr(runtime._capacity, "probe_hardware", no_driver_here)
+    earlier = runtime.Hardware(("CPUExecutionProvider",), ())
+    assert runtime.probe_capacity(hardware=earlier).providers == ("CPUExecutionProvider",)
