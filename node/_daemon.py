@@ -164,10 +164,15 @@ async def run_node(
     started: list[Inference] = []  # filled once the mesh is up; adverts read it
     # Read off the event loop (a battery service, a GPU driver); adverts read the last.
     battery = BatteryWatch()
-    hardware = SlowReading(runtime.probe_hardware, HARDWARE_REFRESH_S, HARDWARE_TIMEOUT_S)
+    hardware = SlowReading(
+        lambda: runtime.probe_hardware(offered=throughput.offered),  # onnxruntime not loaded
+        HARDWARE_REFRESH_S,
+        HARDWARE_TIMEOUT_S,
+    )
 
     def capacity_now() -> runtime.Capacity:
-        return runtime.probe_capacity(throughput, battery, hardware.value)
+        found = hardware.value or runtime.Hardware(("CPUExecutionProvider",), ())
+        return runtime.probe_capacity(throughput, battery, found)
 
     policy = PolicyWatch(config.policy, battery)
 

@@ -9,8 +9,6 @@ for any op the first cannot run; CPU is always last so every model still runs so
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import onnxruntime as ort
-
 from ._accelerators import CPU_PROVIDERS, PROBES, Accelerator, Device, Host
 
 # Most capable first. Azure is a remote-inference provider, not local compute.
@@ -45,7 +43,11 @@ def probe_hardware(host: Host | None = None, offered: Iterable[str] | None = Non
     CUDA share NVIDIA's devices).
     """
     host = host or Host.here()
-    present = set(ort.get_available_providers() if offered is None else offered)
+    if offered is None:
+        import onnxruntime as ort  # where the caller has not recorded the build's list
+
+        offered = ort.get_available_providers()
+    present = set(offered)
     providers: list[str] = []
     accelerators: list[Accelerator] = []
     found: dict[object, list[Device]] = {}

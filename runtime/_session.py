@@ -9,13 +9,16 @@ onnxruntime sees them so that a wrong input is reported by name.
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from ._errors import InputMismatchError, ModelLoadError
 from ._providers import choose_providers
 from ._threads import fitted_thread_count
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -51,7 +54,7 @@ class TensorSpec:
         }
 
 
-def _spec(arg: ort.NodeArg) -> TensorSpec:
+def _spec(arg: "ort.NodeArg") -> TensorSpec:
     dtype = _ORT_TYPES.get(arg.type)
     shape = tuple(arg.shape) if arg.shape is not None else ()
     return TensorSpec(arg.name, None if dtype is None else np.dtype(dtype), shape)
@@ -67,6 +70,8 @@ class ModelSession:
         threads: int | None = None,
         providers: list[str] | None = None,
     ) -> None:
+        import onnxruntime as ort  # here: a node loads it only when it runs a model
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or fitted_thread_count()
         options.inter_op_num_threads = 1
